@@ -1,0 +1,16 @@
+"""revnets: reversible residual networks whose training memory does not grow with depth.
+
+Momentum ResNets (Sander et al., ICML 2021), RevNets (Gomez et al., 2017) and Chang et al.'s
+Hamiltonian, Midpoint and Leapfrog networks (AAAI 2018), all run by one memory-free autograd engine.
+"""
+
+from .autograd.engine import MODES as MODES
+from .autograd.engine import ExactState as ExactState
+from .nn import HamiltonianNet as HamiltonianNet
+from .nn import LeapfrogNet as LeapfrogNet
+from .nn import MidpointNet as MidpointNet
+from .nn import MomentumNet as MomentumNet
+from .nn import ReversibleNet as ReversibleNet
+from .nn import RevNet as RevNet
+
+__version__ = "0.1.0"

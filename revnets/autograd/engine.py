@@ -1,0 +1,490 @@
+"""The one engine that runs every reversible scheme.
+
+A :class:`Stack` is a step declaration (:class:`revnets.steps.Step`) and the functions of each layer.
+The engine runs it under one of three memory strategies (``mode``):
+
+``"reversible"``
+    The forward runs without building a graph and keeps only the final state. The backward walks
+    the layers in reverse: for each update ``s_i <- a·s_i + u(s_{j≠i})`` it evaluates ``u`` once with
+    autograd on, uses that value to rebuild ``s_i`` (``(s_i' − u)/a``) and takes the vector-Jacobian
+    product of the same evaluation. Memory held after the forward does not depend on depth; the
+    cost is one extra evaluation of every function (about 4/3 of plain backprop).
+``"autograd"``
+    Plain backpropagation through the same updates: the reference.
+``"checkpoint"``
+    :func:`torch.utils.checkpoint.checkpoint` (non-reentrant) around every layer: the layer inputs
+    are stored and each layer is recomputed once in the backward.
+
+Every recomputation replays the random number generators and the autocast state of the forward and
+never updates normalisation running statistics a second time. Gradients are returned through
+autograd (``loss.backward()`` and :func:`torch.autograd.grad` alike), never accumulated into
+``.grad`` as a side effect.
+
+With fixed-point arithmetic (``frac_bits`` given) the state is held as int64 tensors
+``q = round(s·2^frac_bits)``; the increments are quantised, multiplication by a scale ``n/d`` pushes
+the lost bits into an :class:`~revnets.autograd.exact.InformationBuffer`, and the inversion is
+bit-exact at any depth. The gradients are those of the real-valued scheme evaluated along the exact
+trajectory (quantisation treated as the identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint
+
+from ..steps.base import State, Step, Update
+from .exact import InformationBuffer, check_range, dequantize, exact_ratio, quantize, scale_exact, unscale_exact
+from .replay import AutocastState, RngSnapshot, accelerator_devices, frozen_running_stats, running_stat_modules
+
+MODES = ("reversible", "autograd", "checkpoint")
+
+Functions = tuple[Callable[..., Tensor], ...]
+
+
+def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`MODES`, else raise a :class:`ValueError` naming them."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What the engine runs.
+
+    Attributes:
+        step: builds the step declaration; called again wherever a graph must be rebuilt, so that
+            learnable coefficients (such as γ) enter the graph freshly each time.
+        layers: the functions of each layer, in order (``(f,)`` for one-function schemes, ``(F, G)``
+            for couplings).
+        coefficients: parameters read by ``step`` itself (shared by every layer), e.g. the logit of
+            a learnable γ.
+    """
+
+    step: Callable[[], Step]
+    layers: tuple[Functions, ...]
+    coefficients: tuple[Tensor, ...] = ()
+
+    def parameters(self) -> tuple[tuple[Tensor, ...], tuple[tuple[int, ...], ...]]:
+        """The distinct trainable parameters, and for each layer the indices of those it uses."""
+        index: dict[int, int] = {}
+        params: list[Tensor] = []
+
+        def indices(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+            found = []
+            for p in tensors:
+                if not p.requires_grad:
+                    continue
+                if id(p) not in index:
+                    index[id(p)] = len(params)
+                    params.append(p)
+                if index[id(p)] not in found:
+                    found.append(index[id(p)])
+            return tuple(found)
+
+        shared = indices(self.coefficients)
+        per_layer = tuple(
+            indices([p for f in fns if isinstance(f, nn.Module) for p in f.parameters()]) + shared
+            for fns in self.layers
+        )
+        return tuple(params), per_layer
+
+    def norm_modules(self):
+        return running_stat_modules(f for fns in self.layers for f in fns)
+
+
+# --------------------------------------------------------------------------------------------------
+# Arithmetic: how an update is applied to, and removed from, a state component.
+
+
+class _FloatArithmetic:
+    """Floating-point state: ``a·s + u`` and ``(s' − u)/a``."""
+
+    @staticmethod
+    def view(component: Tensor) -> Tensor:
+        return component
+
+    @staticmethod
+    def apply(j: int, update: Update, old: Tensor, buffer: None, increment: Tensor, where: str):
+        return update.combine(old, increment), buffer
+
+    @staticmethod
+    def undo(j: int, update: Update, new: Tensor, buffer: None, increment: Tensor, where: str):
+        return update.uncombine(new, increment), buffer
+
+    @staticmethod
+    def check_finite(tensors: tuple[Tensor, ...], where: str) -> None:
+        """Raise if a reconstructed state holds NaN or inf (one reduction per component)."""
+        for component in tensors:
+            if not torch.isfinite(component.sum()) and not torch.isfinite(component).all():
+                raise FloatingPointError(
+                    f"non-finite value met while inverting {where}: the reconstruction overflowed or a function "
+                    "returned NaN/inf (a scale close to 0, such as a small γ, amplifies errors; exact=True avoids it)"
+                )
+
+
+@dataclass(frozen=True)
+class _FixedPointArithmetic:
+    """Fixed-point state: ``q' = scale_exact(q, n/d) + round(c·u·2^F)`` and its exact inverse."""
+
+    frac_bits: int
+    dtype: torch.dtype
+    ratios: tuple[Fraction, ...]
+
+    @classmethod
+    def for_step(cls, step: Step, frac_bits: int, dtype: torch.dtype) -> _FixedPointArithmetic:
+        return cls(frac_bits, dtype, tuple(exact_ratio(u.scale, name="the update's scale (γ for MomentumNet)") for u in step.updates))
+
+    def view(self, component: Tensor) -> Tensor:
+        return dequantize(component, self.frac_bits, self.dtype)
+
+    def _quantized(self, update: Update, increment: Tensor, where: str) -> Tensor:
+        gained = update.gained(increment.detach()).detach()
+        return quantize(gained, self.frac_bits, what=f"the output of a function at {where}")
+
+    def apply(self, j: int, update: Update, old: Tensor, buffer: InformationBuffer, increment: Tensor, where: str):
+        if self.ratios[j] != 1:
+            old, buffer = scale_exact(old, self.ratios[j], buffer)
+        new = old + self._quantized(update, increment, where)
+        check_range(new, what=f"the state after {where}")
+        return new, buffer
+
+    def undo(self, j: int, update: Update, new: Tensor, buffer: InformationBuffer, increment: Tensor, where: str):
+        old = new - self._quantized(update, increment, where)
+        if self.ratios[j] != 1:
+            old, buffer = unscale_exact(old, self.ratios[j], buffer)
+        return old, buffer
+
+    @staticmethod
+    def check_finite(tensors: tuple[Tensor, ...], where: str) -> None:
+        """Integers are always finite; non-finite increments are caught by :func:`quantize`."""
+
+
+@dataclass(frozen=True)
+class ExactState:
+    """A state in fixed point, with everything needed to invert it bit for bit.
+
+    Attributes:
+        tensors: int64 tensors ``q = round(s·2^frac_bits)``, one per state component.
+        buffers: the information buffer of each component (bits pushed out by scales ``|n/d| ≠ 1``).
+        frac_bits: number of fractional bits ``F``.
+        dtype: floating dtype in which the functions are evaluated.
+    """
+
+    tensors: tuple[Tensor, ...]
+    buffers: tuple[InformationBuffer, ...]
+    frac_bits: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_float(cls, state: State, frac_bits: int) -> ExactState:
+        """Quantise a floating-point state (empty buffers)."""
+        dtype = state[0].dtype
+        tensors = tuple(quantize(s.detach(), frac_bits, what="the input state") for s in state)
+        return cls(tensors, tuple(InformationBuffer.empty(q) for q in tensors), frac_bits, dtype)
+
+    def to_float(self) -> State:
+        """Dequantise to the functions' dtype."""
+        return tuple(dequantize(q, self.frac_bits, self.dtype) for q in self.tensors)
+
+    def buffer_bits(self) -> int:
+        """Total number of bits held in the information buffers."""
+        return sum(b.bits() for b in self.buffers)
+
+    def equal(self, other: ExactState) -> bool:
+        """Bit-for-bit equality of the fixed-point tensors."""
+        return all(torch.equal(a, b) for a, b in zip(self.tensors, other.tensors, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# The three loops every mode is made of.
+
+
+def _replace(values: tuple, index: int, value: Any) -> tuple:
+    return values[:index] + (value,) + values[index + 1 :]
+
+
+def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithmetic, rng_log=None, devices=()):
+    """Run ``layers`` (numbered from ``first``) forward; record RNG states into ``rng_log`` if given.
+
+    ``rng_log[(k, j)]`` receives the generator state before update ``j`` of layer ``k`` whenever that
+    update drew random numbers, so that the backward can replay it.
+    """
+    snapshot = RngSnapshot.capture(devices) if rng_log is not None else None
+    for k, functions in enumerate(layers, start=first):
+        where = f"layer {k}"
+        for j, update in enumerate(step.updates):
+            t = update.target
+            views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
+            increment = update.increment(views, functions, args, kwargs, where=where)
+            new, buffer = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
+            tensors, buffers = _replace(tensors, t, new), _replace(buffers, t, buffer)
+            if rng_log is not None:
+                after = RngSnapshot.capture(devices)
+                if not snapshot.same_as(after):
+                    rng_log[(k, j)] = snapshot
+                snapshot = after
+        tensors, buffers = step.permute(tensors), step.permute(buffers)
+    return tensors, buffers
+
+
+def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic):
+    """Reconstruct the input state of ``layers`` from their output state (no graph)."""
+    for k in reversed(range(len(layers))):
+        where = f"layer {k}"
+        tensors, buffers = step.unpermute(tensors), step.unpermute(buffers)
+        for j in reversed(range(len(step.updates))):
+            update = step.updates[j]
+            t = update.target
+            views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
+            increment = update.increment(views, layers[k], args, kwargs, where=where)
+            old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
+            tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
+        arithmetic.check_finite(tensors, where)
+    return tensors, buffers
+
+
+def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, rng_log):
+    """The memory-free backward: invert layer by layer, one evaluation of each function.
+
+    Returns the gradients of the input state, the accumulated gradients of ``arg_leaves`` (``None``
+    where unused) and of ``run.params`` (``None`` where unused).
+    """
+    stack = run.stack
+    param_grads: list[Tensor | None] = [None] * len(run.params)
+    arg_grads: list[Tensor | None] = [None] * len(arg_leaves)
+    trainable_args = [i for i, a in enumerate(arg_leaves) if a.requires_grad]
+    for k in reversed(range(len(stack.layers))):
+        where = f"layer {k}"
+        with torch.enable_grad():
+            step = stack.step()
+        layer_params = [run.params[i] for i in run.layer_params[k]]
+        tensors, buffers, grads = step.unpermute(tensors), step.unpermute(buffers), step.unpermute(grads)
+        for j in reversed(range(len(step.updates))):
+            update = step.updates[j]
+            t = update.target
+            others = [i for i in range(len(tensors)) if i != t]
+            replay = rng_log[(k, j)].restored() if (k, j) in rng_log else contextlib.nullcontext()
+            with torch.enable_grad(), replay:
+                leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors))
+                increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
+            old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment.detach(), where)
+            # s_t' = a·s_t + u(others): the gradient of s_t is a·g; u and a (if learnable) get VJPs.
+            g = grads[t]
+            learnable_gain = _is_learnable(update.gain)
+            copied = next((i for i in others if increment is leaves[i]), None)
+            if copied is not None and not learnable_gain and not _is_learnable(update.scale):
+                # u returns a state component unchanged (x <- x + v): its VJP is gain·g.
+                grads = _replace(grads, copied, _add(grads[copied], update.gain_gradient(g)))
+            else:
+                if learnable_gain:
+                    outputs, output_grads = [update.gain * increment], [g]
+                else:
+                    outputs, output_grads = [increment], [update.gain_gradient(g).to(increment.dtype)]
+                if _is_learnable(update.scale):
+                    outputs.append(update.scale)
+                    output_grads.append((g * arithmetic.view(old)).sum().to(update.scale.dtype))
+                inputs = [*(leaves[i] for i in others), *layer_params, *(arg_leaves[i] for i in trainable_args)]
+                results = list(torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True))
+                for i in others:
+                    grads = _replace(grads, i, _add(grads[i], results.pop(0)))
+                for i in run.layer_params[k]:
+                    param_grads[i] = _add(param_grads[i], results.pop(0))
+                for i in trainable_args:
+                    arg_grads[i] = _add(arg_grads[i], results.pop(0))
+            grads = _replace(grads, t, update.scale_gradient(g))
+            tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
+        arithmetic.check_finite(tensors, where)
+    return grads, arg_grads, param_grads
+
+
+def _is_learnable(scale) -> bool:
+    return isinstance(scale, Tensor) and scale.requires_grad
+
+
+def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
+# --------------------------------------------------------------------------------------------------
+# The autograd function of the reversible mode.
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One call of a reversible stack: the stack, how its flat inputs are laid out, and the arithmetic."""
+
+    stack: Stack
+    n_state: int
+    arg_spec: Any
+    arg_template: tuple
+    params: tuple[Tensor, ...]
+    layer_params: tuple[tuple[int, ...], ...]
+    frac_bits: int | None
+    norm_modules: tuple = field(default=())
+
+    def arguments(self, tensors: Sequence[Tensor]) -> tuple[tuple, dict]:
+        """Rebuild ``(args, kwargs)`` with ``tensors`` in place of their tensor leaves."""
+        supply = iter(tensors)
+        leaves = [next(supply) if isinstance(v, Tensor) else v for v in self.arg_template]
+        return pytree.tree_unflatten(leaves, self.arg_spec)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: _Run, *inputs: Tensor):
+        n_args = len(inputs) - run.n_state - len(run.params)
+        state = inputs[: run.n_state]
+        arg_tensors = inputs[run.n_state : run.n_state + n_args]
+        args, kwargs = run.arguments(arg_tensors)
+        devices = accelerator_devices(state)
+        ctx.autocast = AutocastState.capture(devices)
+        ctx.rng_log = {}
+        ctx.run = run
+        step = run.stack.step()
+        if run.frac_bits is None:
+            arithmetic = _FloatArithmetic()
+            tensors, buffers = tuple(state), (None,) * len(state)
+        else:
+            exact = ExactState.from_float(state, run.frac_bits)
+            arithmetic = _FixedPointArithmetic.for_step(step, run.frac_bits, exact.dtype)
+            tensors, buffers = exact.tensors, exact.buffers
+        tensors, buffers = _forward_layers(
+            step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic, ctx.rng_log, devices
+        )
+        ctx.arithmetic, ctx.buffers = arithmetic, buffers
+        ctx.save_for_backward(*tensors, *arg_tensors)
+        return tuple(arithmetic.view(c) for c in tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads: Tensor | None):
+        run: _Run = ctx.run
+        saved = ctx.saved_tensors
+        tensors, arg_tensors = saved[: run.n_state], saved[run.n_state :]
+        arithmetic = ctx.arithmetic
+        grads = tuple(
+            g if g is not None else torch.zeros_like(arithmetic.view(c)) for g, c in zip(output_grads, tensors, strict=True)
+        )
+        arg_leaves = tuple(
+            a.detach().requires_grad_() if ctx.needs_input_grad[1 + run.n_state + i] else a.detach()
+            for i, a in enumerate(arg_tensors)
+        )
+        args, kwargs = run.arguments(arg_leaves)
+        with ctx.autocast.restored(), frozen_running_stats(run.norm_modules):
+            state_grads, arg_grads, param_grads = _backward_layers(
+                run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.rng_log
+            )
+        offset = 1 + run.n_state
+        state_grads = [g if ctx.needs_input_grad[1 + i] else None for i, g in enumerate(state_grads)]
+        arg_grads = [g if ctx.needs_input_grad[offset + i] else None for i, g in enumerate(arg_grads)]
+        offset += len(arg_tensors)
+        param_grads = [g if ctx.needs_input_grad[offset + i] else None for i, g in enumerate(param_grads)]
+        return (None, *state_grads, *arg_grads, *param_grads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def run(
+    stack: Stack,
+    state: State,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    mode: str = "reversible",
+    frac_bits: int | None = None,
+) -> State:
+    """Run ``stack`` on ``state`` under the memory strategy ``mode``.
+
+    Args:
+        stack: the step declaration and the layers' functions.
+        state: the input state, a tuple of tensors.
+        args, kwargs: extra arguments passed to every function (tensors among them, also nested in
+            lists, tuples and dicts, receive gradients).
+        mode: ``"reversible"``, ``"autograd"`` or ``"checkpoint"``.
+        frac_bits: if given, run in fixed point with this many fractional bits (reversible mode or
+            no gradient only); the output is dequantised.
+
+    Returns:
+        The output state, a tuple of tensors of the input's shapes.
+    """
+    kwargs = {} if kwargs is None else kwargs
+    check_mode(mode)
+    state = tuple(state)
+    if not stack.layers:
+        return state
+    if frac_bits is not None and mode != "reversible":
+        raise ValueError(f"fixed-point (exact) arithmetic needs mode='reversible'; got mode={mode!r}")
+    params, layer_params = stack.parameters()
+    leaves, arg_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    arg_tensors = tuple(v for v in leaves if isinstance(v, Tensor))
+    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (*state, *arg_tensors, *params))
+    if mode == "reversible" and (needs_graph or frac_bits is not None):
+        if not needs_graph:
+            return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
+        plan = _Run(stack, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, stack.norm_modules())
+        return _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
+    step = stack.step()
+    buffers = (None,) * len(state)
+    if mode == "checkpoint" and needs_graph:
+        norm_modules = stack.norm_modules()
+
+        def contexts():
+            return contextlib.nullcontext(), frozen_running_stats(norm_modules)
+
+        for k, functions in enumerate(stack.layers):
+            state = checkpoint(
+                _checkpointed_layer, step, functions, k, args, kwargs, *state, use_reentrant=False, context_fn=contexts
+            )
+        return state
+    return _forward_layers(step, stack.layers, 0, state, buffers, args, kwargs, _FloatArithmetic())[0]
+
+
+def _checkpointed_layer(step: Step, functions: Functions, k: int, args: tuple, kwargs: dict, *state: Tensor) -> State:
+    return _forward_layers(step, (functions,), k, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
+
+
+def invert(stack: Stack, state: State, args: tuple = (), kwargs: dict | None = None) -> State:
+    """Reconstruct the input state of ``stack`` from its output state (floating point, no graph).
+
+    Normalisation layers do not update their running statistics. Randomness inside the functions
+    (dropout in training mode) is not replayed: invert deterministic functions (``eval()``).
+
+    Raises:
+        FloatingPointError: a non-finite value was met; the message names the layer.
+    """
+    kwargs = {} if kwargs is None else kwargs
+    state = tuple(state)
+    with torch.no_grad(), frozen_running_stats(stack.norm_modules()):
+        return _inverse_layers(stack.step(), stack.layers, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
+
+
+def run_exact(stack: Stack, state: ExactState, args: tuple = (), kwargs: dict | None = None) -> ExactState:
+    """Run ``stack`` in fixed point on ``state`` (no graph); invert the result with :func:`invert_exact`."""
+    kwargs = {} if kwargs is None else kwargs
+    with torch.no_grad():
+        step = stack.step()
+        arithmetic = _FixedPointArithmetic.for_step(step, state.frac_bits, state.dtype)
+        tensors, buffers = _forward_layers(step, stack.layers, 0, state.tensors, state.buffers, args, kwargs, arithmetic)
+    return ExactState(tensors, buffers, state.frac_bits, state.dtype)
+
+
+def invert_exact(stack: Stack, state: ExactState, args: tuple = (), kwargs: dict | None = None) -> ExactState:
+    """The bit-exact inverse of :func:`run_exact`."""
+    kwargs = {} if kwargs is None else kwargs
+    with torch.no_grad(), frozen_running_stats(stack.norm_modules()):
+        step = stack.step()
+        arithmetic = _FixedPointArithmetic.for_step(step, state.frac_bits, state.dtype)
+        tensors, buffers = _inverse_layers(step, stack.layers, state.tensors, state.buffers, args, kwargs, arithmetic)
+    return ExactState(tensors, buffers, state.frac_bits, state.dtype)

@@ -1,0 +1,469 @@
+"""Exact fixed-point arithmetic for bit-exact inversion of contracting layers.
+
+Dividing by a scale factor ``γ < 1`` amplifies floating-point rounding by ``1/γ`` per layer, so a deep
+reversible network with ``v ← γ v + (1 − γ) f(x)`` cannot be inverted from floats. Following Maclaurin,
+Duvenaud & Adams (2015, "Gradient-based hyperparameter optimization through reversible learning") the
+state is held as fixed-point integers ``q = round(x · 2^F)`` and multiplied by an exact rational
+``γ = n/d`` whose rounding remainder is pushed into an :class:`InformationBuffer`; the inverse pops it
+back. The buffer grows by ``log2(d/n)`` bits per element per multiplication (0.152 bits for ``γ = 9/10``),
+the information the contraction destroys and so the floor for any exact scheme.
+
+Every quantity here is an exact integer: ``int64`` tensors whose magnitudes are kept at most
+:data:`SAFE_LIMIT` ``= 2^46``, so that products with factors at most :data:`MAX_DENOMINATOR` ``= 2^16``
+stay below ``2^62`` and conversions to ``float64`` are exact. Any value outside that range raises
+:class:`OverflowError`; nothing is ever rounded or wrapped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+__all__ = [
+    "FRAC_BITS_DEFAULT",
+    "MAX_DENOMINATOR",
+    "SAFE_LIMIT",
+    "InformationBuffer",
+    "check_range",
+    "dequantize",
+    "exact_ratio",
+    "quantize",
+    "scale_exact",
+    "unscale_exact",
+]
+
+FRAC_BITS_DEFAULT = 32
+"""Default number of fractional bits ``F`` of the fixed-point representation ``q = round(x · 2^F)``."""
+
+MAX_DENOMINATOR = 1 << 16
+"""Largest ``|n|`` and ``d`` of a scale factor ``n/d`` and largest base of a buffer push or draw."""
+
+SAFE_LIMIT = 1 << 46
+"""Largest magnitude of a fixed-point integer: ``SAFE_LIMIT · MAX_DENOMINATOR = 2^62`` fits in int64."""
+
+_HEAD_LIMIT = 1 << 47  # heads stay in [0, 2^47): head · 2^16 + (2^16 − 1) ≤ 2^63 − 1
+_WORD_BITS = 32  # granularity of a spill from a head to the stack
+_WORD_MASK = (1 << _WORD_BITS) - 1
+_SIGN_BIT = 1 << (_WORD_BITS - 1)
+
+
+def exact_ratio(
+    value: float | int | Fraction | torch.Tensor, name: str = "scale"
+) -> Fraction:
+    """Return the scale factor ``value`` as an exact rational ``n/d`` with ``|n|, d ≤ 2^16``.
+
+    A :class:`~fractions.Fraction` (or an integer) is kept as is. A float, or a one-element tensor read
+    with ``.item()``, becomes ``Fraction(value).limit_denominator(2^16)``: the closest rational with
+    denominator at most ``2^16``. When that rational does not round back to the same float a
+    :class:`RuntimeWarning` states the value given, the rational used and their difference; ``0.9``
+    gives ``9/10`` without a warning, because ``float(9/10) == 0.9``.
+
+    Args:
+        value: the scale factor.
+        name: what ``value`` is called, for messages.
+
+    Raises:
+        ValueError: ``value`` is zero (not invertible), not finite, has several elements, or its
+            rational has ``|n|`` or ``d`` above ``2^16``.
+        TypeError: ``value`` is not a real number.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, numbers.Rational):
+        ratio = Fraction(value.numerator, value.denominator)
+    elif isinstance(value, numbers.Real):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        if value == 0.0:
+            raise ValueError(f"{name} = 0 is not invertible")
+        ratio = Fraction(value).limit_denominator(MAX_DENOMINATOR)
+        if ratio == 0:
+            raise ValueError(
+                f"{name} = {value!r} is below the smallest representable nonzero ratio 1/{MAX_DENOMINATOR}"
+                " (not invertible)"
+            )
+        if float(ratio) != value:
+            warnings.warn(
+                f"{name} = {value!r} is not a rational with denominator <= {MAX_DENOMINATOR}; using "
+                f"{ratio} = {float(ratio)!r} (difference {float(ratio - Fraction(value)):.3e})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    else:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if ratio == 0:
+        raise ValueError(f"{name} = 0 is not invertible")
+    if abs(ratio.numerator) > MAX_DENOMINATOR or ratio.denominator > MAX_DENOMINATOR:
+        raise ValueError(
+            f"{name} = {ratio} needs |numerator| and denominator <= {MAX_DENOMINATOR}"
+            f" (got {ratio.numerator}/{ratio.denominator})"
+        )
+    return ratio
+
+
+def check_range(q: torch.Tensor, *, what: str) -> None:
+    """Raise :class:`OverflowError` unless every ``|q| ≤ SAFE_LIMIT = 2^46``.
+
+    Args:
+        q: integer tensor of any shape.
+        what: what ``q`` holds, for the message.
+    """
+    if q.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(q))
+    if low < -SAFE_LIMIT or high > SAFE_LIMIT:
+        raise OverflowError(
+            f"{what}: fixed-point magnitude {max(-low, high)} exceeds the limit {SAFE_LIMIT} = 2^46"
+        )
+
+
+def quantize(x: torch.Tensor, frac_bits: int, *, what: str = "value") -> torch.Tensor:
+    """Return the fixed-point integers ``q = round(x · 2^F)`` (int64, same shape and device as ``x``).
+
+    Computed in float64 (``x.double() · 2^F``, exact for float16/bfloat16/float32/float64 inputs in
+    range) and rounded half to even.
+
+    Args:
+        x: tensor of any shape.
+        frac_bits: number of fractional bits ``F ≥ 0``.
+        what: what ``x`` holds, for messages.
+
+    Raises:
+        FloatingPointError: ``x`` holds NaN or infinity.
+        OverflowError: some ``|q| > SAFE_LIMIT``, i.e. ``|x|`` beyond ``±2^46 / 2^F``.
+    """
+    _check_frac_bits(frac_bits)
+    x = x.double()
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"{what}: cannot quantize non-finite values (NaN or infinity)")
+    q = torch.round(x * float(1 << frac_bits))
+    if q.numel() > 0 and float(q.abs().max()) > SAFE_LIMIT:
+        raise OverflowError(
+            f"{what}: magnitude {float(x.abs().max())!r} is outside the representable range"
+            f" ±{SAFE_LIMIT / (1 << frac_bits)!r} (= ±2^46 / 2^{frac_bits})"
+        )
+    return q.to(torch.int64)
+
+
+def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``q / 2^F`` as ``dtype``: exact in float64, then one deterministic cast to ``dtype``.
+
+    Args:
+        q: int64 fixed-point integers of any shape, ``|q| ≤ 2^53`` for an exact float64 step.
+        frac_bits: number of fractional bits ``F ≥ 0``.
+        dtype: floating dtype of the result.
+    """
+    _check_frac_bits(frac_bits)
+    return (q.double() / float(1 << frac_bits)).to(dtype)
+
+
+def _check_frac_bits(frac_bits: int) -> None:
+    if not isinstance(frac_bits, int) or frac_bits < 0:
+        raise ValueError(f"frac_bits must be a non-negative int, got {frac_bits!r}")
+
+
+def _packbits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (flattened, row-major) into uint8, 8 elements a byte, little-endian bits."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8) << shifts).sum(dim=1).to(torch.uint8)  # (ceil(numel / 8),)
+
+
+def _unpackbits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_packbits`: the bool tensor of ``shape``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1  # (ceil(numel / 8), 8)
+    return bits.reshape(-1)[: shape.numel()].view(shape).bool()
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _Spill:
+    """One entry of the persistent stack of spilled words (a cons cell).
+
+    Attributes:
+        push_index: number of the push (1-based) that made this entry; its pop undoes it.
+        mask: packed bits of the elements that spilled, or ``None`` when all of them did.
+        words: int32 ``(k,)``, the low 32 bits of the ``k`` spilled heads (row-major), two's complement.
+        parent: the entry below, or ``None``.
+        stack_bits: bits held by this entry and all below: 32 per word plus 8 per mask byte.
+    """
+
+    push_index: int
+    mask: torch.Tensor | None
+    words: torch.Tensor
+    parent: _Spill | None
+    stack_bits: int
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class InformationBuffer:
+    """Immutable per-element store of arbitrarily many bits, for exactly invertible arithmetic.
+
+    Every element keeps a head ``h`` (a natural number ``< 2^47``) above a stack of 32-bit words.
+    ``push(v, b)`` appends the base-``b`` digit ``v``: ``h ↦ h·b + v``; ``pop(b)`` removes it again.
+    ``draw(b)`` takes the digit ``v = h mod b`` out of the head, ``h ↦ ⌊h / b⌋`` (``v = h``, ``h = 0``
+    once the head is smaller than ``b``), and ``undraw(v, b)`` puts it back: ``h ↦ h·b + v``. Every
+    operation returns a new buffer and never modifies the tensors of the old one, so a saved buffer can
+    be replayed any number of times (e.g. a backward pass with ``retain_graph=True``).
+
+    Spilling: when a push takes some head to ``2^47`` or beyond, every head ``≥ 2^32`` (each has a full
+    word to give, so nothing is wasted) moves its low 32 bits to one new stack entry and shifts right by
+    32; the entry keeps a packed bit mask of the elements concerned unless all of them are. Spilling
+    every full head at once, rather than only those past ``2^47``, keeps heads of different sizes
+    spilling together: at most one entry per 16 bits of growth and, in practice, no mask at all (one
+    entry per element crossing costs a 1-bit mask per element; that alone would triple the buffer at
+    ``γ = 9/10``). Each entry records the number of the push that made it, and the matching pop moves
+    those words back first, so ``pop(b)`` is the exact inverse of ``push(·, b)``. ``draw``/``undraw``
+    never touch the stack. Heads and words live on the state's device; the stack is a linked list of
+    immutable entries, so push and pop cost O(1) in the number of entries.
+
+    Operations must be undone in exactly the reverse order, with the same bases; the buffer counts
+    pushes but does not record bases or draws, so that contract is the caller's
+    (:func:`scale_exact`/:func:`unscale_exact` keep it).
+
+    Attributes:
+        head: int64 tensor of the state's shape, ``0 ≤ head < 2^47``.
+        top: top entry of the stack of spilled words, or ``None``.
+        depth: number of pushes not yet popped.
+    """
+
+    head: torch.Tensor
+    top: _Spill | None = None
+    depth: int = 0
+
+    @classmethod
+    def empty(cls, like: torch.Tensor) -> InformationBuffer:
+        """Return a buffer holding nothing, with the shape and device of ``like``."""
+        return cls(torch.zeros(like.shape, dtype=torch.int64, device=like.device))
+
+    @property
+    def numel(self) -> int:
+        """Number of elements (of the state tensor the buffer belongs to)."""
+        return self.head.numel()
+
+    def bits(self) -> int:
+        """Total bits held: 32 per spilled word, 8 per mask byte, and the bit length of every head."""
+        head_bits = torch.frexp(self.head.double()).exponent.sum()  # exact: heads < 2^47 < 2^53
+        return int(head_bits) + (self.top.stack_bits if self.top is not None else 0)
+
+    def push(self, values: torch.Tensor, base: int) -> InformationBuffer:
+        """Return the buffer with the digit ``values`` appended: ``h ↦ h·base + values``, then spill.
+
+        Args:
+            values: int64, the buffer's shape, ``0 ≤ values < base``.
+            base: ``1 ≤ base ≤ 2^16``.
+        """
+        self._check_values(values, base, "push")
+        return self._push(values, base)
+
+    def pop(self, base: int) -> tuple[InformationBuffer, torch.Tensor]:
+        """Inverse of :meth:`push`: return the buffer before the last push and the values it pushed.
+
+        Args:
+            base: the base of the last push.
+
+        Returns:
+            The buffer, and the int64 ``values`` of the buffer's shape that the last push appended.
+        """
+        _check_base(base, "pop")
+        if self.depth == 0:
+            raise ValueError("pop from an InformationBuffer with no push left to undo")
+        return self._pop(base)
+
+    def draw(self, base: int) -> tuple[InformationBuffer, torch.Tensor]:
+        """Take ``values = h mod base`` out of the head, ``h ↦ ⌊h / base⌋`` (a zero head gives zeros).
+
+        Args:
+            base: ``1 ≤ base ≤ 2^16``.
+
+        Returns:
+            The buffer, and int64 ``values`` of the buffer's shape, ``0 ≤ values < base``.
+        """
+        _check_base(base, "draw")
+        return self._draw(base)
+
+    def undraw(self, values: torch.Tensor, base: int) -> InformationBuffer:
+        """Inverse of :meth:`draw`: ``h ↦ h·base + values``, on the head only.
+
+        Args:
+            values: int64, the buffer's shape, ``0 ≤ values < base``.
+            base: the base of the matching draw.
+
+        Raises:
+            OverflowError: a head would reach ``2^47``, i.e. this is not the inverse of a draw.
+        """
+        self._check_values(values, base, "undraw")
+        buffer = self._undraw(values, base)
+        if buffer.numel > 0 and int(buffer.head.max()) >= _HEAD_LIMIT:
+            raise OverflowError("undraw: the head would exceed 2^47; undraw only what draw took out")
+        return buffer
+
+    # Unchecked implementations; scale_exact/unscale_exact guarantee their preconditions.
+
+    def _push(self, values: torch.Tensor, base: int) -> InformationBuffer:
+        head = self.head * base + values  # < 2^47 · 2^16 ≤ 2^63 (fits int64)
+        depth = self.depth + 1
+        if head.numel() == 0 or int(head.max()) < _HEAD_LIMIT:
+            return InformationBuffer(head, self.top, depth)
+        spilled = head > _WORD_MASK  # every head with a full word to give, not only those ≥ 2^47
+        count = int(torch.count_nonzero(spilled))
+        if count == head.numel():
+            mask, low = None, head.reshape(-1) & _WORD_MASK
+        else:
+            mask, low = _packbits(spilled), head[spilled] & _WORD_MASK
+        words = ((low ^ _SIGN_BIT) - _SIGN_BIT).to(torch.int32)  # low 32 bits, two's complement
+        head = torch.where(spilled, head >> _WORD_BITS, head)
+        below = self.top.stack_bits if self.top is not None else 0
+        mask_bits = 8 * mask.numel() if mask is not None else 0
+        top = _Spill(depth, mask, words, self.top, below + _WORD_BITS * count + mask_bits)
+        return InformationBuffer(head, top, depth)
+
+    def _pop(self, base: int) -> tuple[InformationBuffer, torch.Tensor]:
+        head, top = self.head, self.top
+        if top is not None and top.push_index == self.depth:
+            low = top.words.to(torch.int64) & _WORD_MASK
+            if top.mask is None:
+                head = (head << _WORD_BITS) | low.view(head.shape)
+            else:
+                spilled = _unpackbits(top.mask, head.shape)
+                head = head.masked_scatter(spilled, (head[spilled] << _WORD_BITS) | low)
+            top = top.parent
+        values = torch.remainder(head, base)
+        head = torch.div(head, base, rounding_mode="floor")
+        return InformationBuffer(head, top, self.depth - 1), values
+
+    def _draw(self, base: int) -> tuple[InformationBuffer, torch.Tensor]:
+        values = torch.remainder(self.head, base)
+        head = torch.div(self.head, base, rounding_mode="floor")
+        return InformationBuffer(head, self.top, self.depth), values
+
+    def _undraw(self, values: torch.Tensor, base: int) -> InformationBuffer:
+        return InformationBuffer(self.head * base + values, self.top, self.depth)
+
+    def _check_values(self, values: torch.Tensor, base: int, op: str) -> None:
+        _check_base(base, op)
+        if values.dtype != torch.int64 or values.shape != self.head.shape:
+            raise ValueError(
+                f"{op}: values must be int64 of shape {tuple(self.head.shape)},"
+                f" got {values.dtype} of shape {tuple(values.shape)}"
+            )
+        if values.numel() > 0:
+            low, high = (int(v) for v in torch.aminmax(values))
+            if low < 0 or high >= base:
+                raise ValueError(f"{op}: values must lie in [0, {base}), got [{low}, {high}]")
+
+
+def _check_base(base: int, op: str) -> None:
+    if not isinstance(base, int) or not 1 <= base <= MAX_DENOMINATOR:
+        raise ValueError(f"{op}: base must be an int in [1, {MAX_DENOMINATOR}], got {base!r}")
+
+
+def _ratio_parts(ratio: Fraction, q: torch.Tensor, buffer: InformationBuffer) -> tuple[int, int]:
+    """Validate the operands of scale_exact/unscale_exact; return ``(n, d)`` of ``ratio``."""
+    if not isinstance(ratio, Fraction):
+        raise TypeError(f"ratio must be a Fraction (see exact_ratio), got {type(ratio).__name__}")
+    n, d = ratio.numerator, ratio.denominator
+    if n == 0 or abs(n) > MAX_DENOMINATOR or d > MAX_DENOMINATOR:
+        raise ValueError(f"ratio {ratio} must be nonzero with |numerator|, denominator <= {MAX_DENOMINATOR}")
+    if q.dtype != torch.int64 or q.shape != buffer.head.shape:
+        raise ValueError(
+            f"q must be int64 of the buffer's shape {tuple(buffer.head.shape)},"
+            f" got {q.dtype} of shape {tuple(q.shape)}"
+        )
+    return n, d
+
+
+def scale_exact(
+    q: torch.Tensor, ratio: Fraction, buffer: InformationBuffer
+) -> tuple[torch.Tensor, InformationBuffer]:
+    """Multiply fixed-point integers by ``ratio = n/d`` exactly invertibly (Maclaurin et al., 2015).
+
+    With ``n > 0`` (a negative ``n`` first negates ``q``), floor division and floor modulo throughout::
+
+        r  = h mod n,          h ↦ ⌊h / n⌋      (draw: reuse buffer bits)
+        q' = q·n + r
+        r2 = q' mod d,         q ↦ ⌊q' / d⌋
+        h ↦ h·d + r2                            (push)
+
+    so ``q ↦ ⌊(q·n + r) / d⌋ ≈ q·n/d`` for any sign of ``q``, and the buffer grows by about
+    ``log2(d/n)`` bits per element (it shrinks, down to an empty head, when ``n > d``). The inverse
+    recovers ``q = ⌊q' / n⌋`` because ``0 ≤ r < n``. ``|ratio| = 1`` returns the same buffer object.
+
+    Args:
+        q: int64 fixed-point integers, the buffer's shape, ``|q| ≤ 2^46``.
+        ratio: ``n/d`` with ``0 < |n|, d ≤ 2^16`` (see :func:`exact_ratio`).
+        buffer: the information buffer of ``q``; not modified.
+
+    Returns:
+        The scaled integers (int64, same shape) and the new buffer.
+
+    Raises:
+        OverflowError: ``|q|`` or the result exceeds ``2^46``.
+    """
+    n, d = _ratio_parts(ratio, q, buffer)
+    check_range(q, what="scale_exact input")
+    if n < 0:
+        q, n = -q, -n
+    if n == d:
+        return q, buffer
+    buffer, r = buffer._draw(n)
+    q = q * n + r  # |q·n| ≤ 2^62
+    r2 = torch.remainder(q, d)
+    q = torch.div(q, d, rounding_mode="floor")
+    buffer = buffer._push(r2, d)
+    if n > d:  # for n < d, |⌊(q·n + r) / d⌋| ≤ |q|: no new range check needed
+        check_range(q, what="scale_exact result")
+    return q, buffer
+
+
+def unscale_exact(
+    q: torch.Tensor, ratio: Fraction, buffer: InformationBuffer
+) -> tuple[torch.Tensor, InformationBuffer]:
+    """Exact inverse of :func:`scale_exact` with the same ``ratio = n/d``.
+
+    With ``n > 0``::
+
+        r2 = pop(d)                             (h ↦ ⌊h / d⌋ after unspilling)
+        q' = q·d + r2
+        r  = q' mod n,         q ↦ ⌊q' / n⌋
+        h ↦ h·n + r                             (undraw)
+
+    then negate ``q`` back if ``n < 0``. ``|ratio| = 1`` returns the same buffer object.
+
+    Args:
+        q: int64 fixed-point integers, the buffer's shape, ``|q| ≤ 2^46``.
+        ratio: the ``n/d`` given to :func:`scale_exact`.
+        buffer: the buffer :func:`scale_exact` returned; not modified.
+
+    Returns:
+        The integers and buffer that were given to :func:`scale_exact`.
+
+    Raises:
+        OverflowError: ``|q|`` or the result exceeds ``2^46``.
+    """
+    n, d = _ratio_parts(ratio, q, buffer)
+    check_range(q, what="unscale_exact input")
+    sign = -1 if n < 0 else 1
+    n = abs(n)
+    if n != d:
+        if buffer.depth == 0:
+            raise ValueError("unscale_exact: the buffer holds no push to undo")
+        buffer, r2 = buffer._pop(d)
+        q = q * d + r2  # |q·d| ≤ 2^62
+        r = torch.remainder(q, n)
+        q = torch.div(q, n, rounding_mode="floor")
+        buffer = buffer._undraw(r, n)
+        if d > n:  # for d < n, |⌊(q·d + r2) / n⌋| ≤ |q|
+            check_range(q, what="unscale_exact result")
+    return (-q if sign < 0 else q), buffer

@@ -1,0 +1,3 @@
+"""Datasets: generated ones for now (the papers' toy problems)."""
+
+from .synthetic import nested_rings as nested_rings

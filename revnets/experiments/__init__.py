@@ -1,0 +1,1 @@
+"""Command-line interface and reproductions of the papers' experiments."""

@@ -1,0 +1,154 @@
+"""The common user-facing contract of every reversible network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import Tensor, nn
+
+from ..autograd import engine
+from ..autograd.engine import ExactState, Stack, check_mode
+from ..autograd.exact import FRAC_BITS_DEFAULT
+from ..steps.base import State, Step, join_channels, split_channels
+
+
+def as_module_list(functions: Iterable[Callable[..., Tensor]], name: str) -> nn.ModuleList:
+    """Register the functions of a stack; plain callables are wrapped so they can sit in a ModuleList.
+
+    The same module may appear several times (shared weights).
+    """
+    modules = []
+    for i, f in enumerate(functions):
+        if isinstance(f, nn.Module):
+            modules.append(f)
+        elif callable(f):
+            modules.append(_Function(f))
+        else:
+            raise TypeError(f"{name}[{i}] must be a callable (an nn.Module or a function); got {type(f).__name__}")
+    return nn.ModuleList(modules)
+
+
+class _Function(nn.Module):
+    """A parameter-free callable registered as a module."""
+
+    def __init__(self, function: Callable[..., Tensor]):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return getattr(self.function, "__name__", repr(self.function))
+
+
+class ReversibleNet(nn.Module):
+    """Base class: a stack of invertible layers run by the shared engine.
+
+    A subclass declares its scheme with :meth:`step`, its layers with :meth:`layers`, how an input
+    becomes a state (:meth:`init_state`) and how a state becomes the output (:meth:`output`).
+
+    Args:
+        mode: ``"reversible"`` (default: activations are not stored; the backward inverts layer by
+            layer), ``"autograd"`` (plain backpropagation, the reference) or ``"checkpoint"`` (store
+            layer inputs, recompute each layer once).
+        exact: hold the state in fixed point with ``frac_bits`` fractional bits so that inversion is
+            bit-exact at any depth (needs ``mode="reversible"``).
+        frac_bits: fractional bits of the fixed-point state when ``exact=True``; values must stay
+            within ``±2^(46 − frac_bits)`` (an :class:`OverflowError` says so otherwise).
+    """
+
+    def __init__(self, *, mode: str = "reversible", exact: bool = False, frac_bits: int = FRAC_BITS_DEFAULT):
+        super().__init__()
+        self.mode = check_mode(mode)
+        if not isinstance(exact, bool):
+            raise TypeError(f"exact must be True or False; got {exact!r}")
+        if exact and mode != "reversible":
+            raise ValueError(f"exact=True holds the state in fixed point for exact inversion and needs mode='reversible'; got mode={mode!r}")
+        if not (isinstance(frac_bits, int) and 0 <= frac_bits <= 40):
+            raise ValueError(f"frac_bits must be an integer in [0, 40]; got {frac_bits!r}")
+        self.exact = exact
+        self.frac_bits = frac_bits
+
+    # -- the declaration a subclass provides -------------------------------------------------------
+    def step(self) -> Step:
+        raise NotImplementedError
+
+    def layers(self) -> tuple[tuple[Callable[..., Tensor], ...], ...]:
+        raise NotImplementedError
+
+    def coefficients(self) -> tuple[Tensor, ...]:
+        """Parameters the step itself reads (shared by all layers); none by default."""
+        return ()
+
+    def init_state(self, x: Tensor) -> State:
+        raise NotImplementedError
+
+    def output(self, state: State) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared behaviour -----------------------------------------------------------------------------
+    def set_mode(self, mode: str) -> ReversibleNet:
+        """Switch the memory strategy (``"reversible"``, ``"autograd"``, ``"checkpoint"``); returns self."""
+        check_mode(mode)
+        if self.exact and mode != "reversible":
+            raise ValueError(f"exact=True needs mode='reversible'; got mode={mode!r}")
+        self.validate_mode(mode)
+        self.mode = mode
+        return self
+
+    def validate_mode(self, mode: str) -> None:
+        """Hook for schemes that are not invertible in some configuration."""
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers())
+
+    def stack(self) -> Stack:
+        return Stack(self.step, self.layers(), self.coefficients())
+
+    def forward_state(self, state: State, *args, **kwargs) -> State:
+        """Run the layers on an explicit state (tuple of tensors) under the current mode."""
+        frac_bits = self.frac_bits if self.exact else None
+        return engine.run(self.stack(), state, args, kwargs, mode=self.mode, frac_bits=frac_bits)
+
+    def inverse_state(self, state: State, *args, **kwargs) -> State:
+        """Reconstruct the input state of the layers from their output state (no graph).
+
+        Normalisation layers keep their running statistics; randomness is not replayed, so call it
+        on deterministic functions (``eval()`` mode for dropout).
+        """
+        return engine.invert(self.stack(), state, args, kwargs)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """``x`` of shape ``(B, ...)`` to an output of the same shape; ``args``/``kwargs`` reach every function."""
+        return self.output(self.forward_state(self.init_state(x), *args, **kwargs))
+
+    def exact_state(self, x: Tensor) -> ExactState:
+        """The fixed-point state of input ``x`` (``frac_bits`` fractional bits, empty buffers)."""
+        return ExactState.from_float(self.init_state(x), self.frac_bits)
+
+    def forward_exact(self, state: ExactState, *args, **kwargs) -> ExactState:
+        """Run the layers in fixed point (no graph); :meth:`inverse_exact` undoes it bit for bit."""
+        return engine.run_exact(self.stack(), state, args, kwargs)
+
+    def inverse_exact(self, state: ExactState, *args, **kwargs) -> ExactState:
+        """The bit-exact inverse of :meth:`forward_exact`."""
+        return engine.invert_exact(self.stack(), state, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, mode={self.mode!r}, exact={self.exact}"
+
+
+class TwoStreamNet(ReversibleNet):
+    """A scheme whose state is the two halves of the input along dim 1: ``(B, C, ...) -> 2 × (B, C/2, ...)``."""
+
+    def init_state(self, x: Tensor) -> State:
+        return split_channels(x)
+
+    def output(self, state: State) -> Tensor:
+        return join_channels(state)
+
+    def inverse(self, y: Tensor, *args, **kwargs) -> Tensor:
+        """Reconstruct the input ``x`` from the output ``y = self(x, *args, **kwargs)``."""
+        return join_channels(self.inverse_state(split_channels(y, name="y"), *args, **kwargs))
