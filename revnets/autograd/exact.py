@@ -141,20 +141,21 @@ def quantize(x: torch.Tensor, frac_bits: int, *, what: str = "value") -> torch.T
         OverflowError: some ``|q| > SAFE_LIMIT``, i.e. ``|x|`` beyond ``±2^46 / 2^F``.
     """
     _check_frac_bits(frac_bits)
-    x = x.double()
-    if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"{what}: cannot quantize non-finite values (NaN or infinity)")
-    q = torch.round(x * float(1 << frac_bits))
-    if q.numel() > 0 and float(q.abs().max()) > SAFE_LIMIT:
-        raise OverflowError(
-            f"{what}: magnitude {float(x.abs().max())!r} is outside the representable range"
-            f" ±{SAFE_LIMIT / (1 << frac_bits)!r} (= ±2^46 / 2^{frac_bits})"
-        )
-    return q.to(torch.int64)
+    scaled = x.double() * float(1 << frac_bits)
+    if scaled.numel() > 0:
+        low, high = (float(v) for v in torch.aminmax(scaled))  # one pass: NaN and inf propagate
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise FloatingPointError(f"{what}: cannot quantize non-finite values (NaN or infinity)")
+        if max(-low, high) > SAFE_LIMIT:
+            raise OverflowError(
+                f"{what}: magnitude {max(-low, high) / (1 << frac_bits)!r} is outside the representable range"
+                f" ±{SAFE_LIMIT / (1 << frac_bits)!r} (= ±2^46 / 2^{frac_bits})"
+            )
+    return scaled.round_().to(torch.int64)
 
 
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Return ``q / 2^F`` as ``dtype``: exact in float64, then one deterministic cast to ``dtype``.
+    """Return ``q / 2^F`` as ``dtype``, rounded once (deterministic).
 
     Args:
         q: int64 fixed-point integers of any shape, ``|q| ≤ 2^53`` for an exact float64 step.
@@ -162,7 +163,8 @@ def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Ten
         dtype: floating dtype of the result.
     """
     _check_frac_bits(frac_bits)
-    return (q.double() / float(1 << frac_bits)).to(dtype)
+    # Rounding to dtype commutes with the exact scaling by 2^-F: one rounding, as in float64 then dtype.
+    return q.to(dtype).mul_(2.0**-frac_bits)
 
 
 def _check_frac_bits(frac_bits: int) -> None:
@@ -339,13 +341,11 @@ class InformationBuffer:
                 spilled = _unpackbits(top.mask, head.shape)
                 head = head.masked_scatter(spilled, (head[spilled] << _WORD_BITS) | low)
             top = top.parent
-        values = torch.remainder(head, base)
-        head = torch.div(head, base, rounding_mode="floor")
+        head, values = _floor_divmod(head, base)
         return InformationBuffer(head, top, self.depth - 1), values
 
     def _draw(self, base: int) -> tuple[InformationBuffer, torch.Tensor]:
-        values = torch.remainder(self.head, base)
-        head = torch.div(self.head, base, rounding_mode="floor")
+        head, values = _floor_divmod(self.head, base)
         return InformationBuffer(head, self.top, self.depth), values
 
     def _undraw(self, values: torch.Tensor, base: int) -> InformationBuffer:
@@ -362,6 +362,12 @@ class InformationBuffer:
             low, high = (int(v) for v in torch.aminmax(values))
             if low < 0 or high >= base:
                 raise ValueError(f"{op}: values must lie in [0, {base}), got [{low}, {high}]")
+
+
+def _floor_divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(⌊a / b⌋, a mod b)`` with the floor convention (remainder in ``[0, b)`` for ``b > 0``)."""
+    quotient = torch.div(a, b, rounding_mode="floor")
+    return quotient, a - quotient * b
 
 
 def _check_base(base: int, op: str) -> None:
@@ -418,9 +424,7 @@ def scale_exact(
     if n == d:
         return q, buffer
     buffer, r = buffer._draw(n)
-    q = q * n + r  # |q·n| ≤ 2^62
-    r2 = torch.remainder(q, d)
-    q = torch.div(q, d, rounding_mode="floor")
+    q, r2 = _floor_divmod(q * n + r, d)  # |q·n| ≤ 2^62
     buffer = buffer._push(r2, d)
     if n > d:  # for n < d, |⌊(q·n + r) / d⌋| ≤ |q|: no new range check needed
         check_range(q, what="scale_exact result")
@@ -460,9 +464,7 @@ def unscale_exact(
         if buffer.depth == 0:
             raise ValueError("unscale_exact: the buffer holds no push to undo")
         buffer, r2 = buffer._pop(d)
-        q = q * d + r2  # |q·d| ≤ 2^62
-        r = torch.remainder(q, n)
-        q = torch.div(q, n, rounding_mode="floor")
+        q, r = _floor_divmod(q * d + r2, n)  # |q·d| ≤ 2^62
         buffer = buffer._undraw(r, n)
         if d > n:  # for d < n, |⌊(q·d + r2) / n⌋| ≤ |q|
             check_range(q, what="unscale_exact result")
