@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
@@ -276,17 +277,17 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
             with torch.enable_grad(), replay:
                 leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors))
                 increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
+                gained = update.gain * increment if _is_learnable(update.gain) else None
             old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment.detach(), where)
             # s_t' = a·s_t + u(others): the gradient of s_t is a·g; u and a (if learnable) get VJPs.
             g = grads[t]
-            learnable_gain = _is_learnable(update.gain)
             copied = next((i for i in others if increment is leaves[i]), None)
-            if copied is not None and not learnable_gain and not _is_learnable(update.scale):
+            if copied is not None and gained is None and not _is_learnable(update.scale):
                 # u returns a state component unchanged (x <- x + v): its VJP is gain·g.
                 grads = _replace(grads, copied, _add(grads[copied], update.gain_gradient(g)))
             else:
-                if learnable_gain:
-                    outputs, output_grads = [update.gain * increment], [g]
+                if gained is not None:
+                    outputs, output_grads = [gained], [g]
                 else:
                     outputs, output_grads = [increment], [update.gain_gradient(g).to(increment.dtype)]
                 if _is_learnable(update.scale):
@@ -333,6 +334,11 @@ class _Run:
     frac_bits: int | None
     norm_modules: tuple = field(default=())
 
+    def parameters_changed(self) -> bool:
+        """Whether the stack's trainable parameters are no longer the tensors recorded by the forward."""
+        params, _ = self.stack.parameters()
+        return len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params))
+
     def arguments(self, tensors: Sequence[Tensor]) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` with ``tensors`` in place of their tensor leaves."""
         supply = iter(tensors)
@@ -367,8 +373,15 @@ class _ReversibleFunction(torch.autograd.Function):
         return tuple(arithmetic.view(c) for c in tensors)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *output_grads: Tensor | None):
         run: _Run = ctx.run
+        if run.parameters_changed():
+            raise RuntimeError(
+                "the parameters of the reversible stack's functions are not the tensors its forward used "
+                "(substituted with torch.func.functional_call or reassigned before backward); the memory-free "
+                "backward re-evaluates the modules and would differentiate the wrong weights: use mode='autograd'"
+            )
         saved = ctx.saved_tensors
         tensors, arg_tensors = saved[: run.n_state], saved[run.n_state :]
         arithmetic = ctx.arithmetic

@@ -93,20 +93,26 @@ def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
     return tuple(found.values())
 
 
-@contextlib.contextmanager
-def frozen_running_stats(modules: Iterable[_NormBase]) -> Iterator[None]:
+class frozen_running_stats:  # noqa: N801 - used like a function-style context manager
     """Recompute normalisation layers without updating their running statistics again.
 
     In training mode a layer with ``track_running_stats=False`` normalises with the batch statistics
     (what the original forward used) and leaves ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` alone. In eval mode the flag is left as is (eval mode uses, and does not
-    change, the running statistics).
+    change, the running statistics). Re-entrant: the same object may be entered again after it was
+    exited (``torch.utils.checkpoint`` enters its recomputation context once per backward).
     """
-    frozen = [m for m in modules if m.training and m.track_running_stats]
-    for module in frozen:
-        module.track_running_stats = False
-    try:
-        yield
-    finally:
+
+    def __init__(self, modules: Iterable[_NormBase]):
+        self.modules = tuple(modules)
+        self.frozen: list[tuple[_NormBase, ...]] = []
+
+    def __enter__(self) -> None:
+        frozen = tuple(m for m in self.modules if m.training and m.track_running_stats)
         for module in frozen:
+            module.track_running_stats = False
+        self.frozen.append(frozen)
+
+    def __exit__(self, *exc_info) -> None:
+        for module in self.frozen.pop():
             module.track_running_stats = True

@@ -89,13 +89,19 @@ class Update:
         """``gain * increment``."""
         return increment if _is_one(self.gain) else self.gain * increment
 
-    def _is_interpolation(self) -> bool:
-        """``scale + gain == 1`` with both numbers: ``a·s + (1−a)·u`` is one ``lerp`` kernel, and so is its inverse."""
-        return not isinstance(self.scale, Tensor) and not isinstance(self.gain, Tensor) and self.scale + self.gain == 1
+    def _is_interpolation(self, state: Tensor, increment: Tensor) -> bool:
+        """``scale + gain == 1`` with both numbers and one dtype (no mixed precision): ``a·s + (1−a)·u`` is
+        one ``lerp`` kernel, and so is its inverse."""
+        return (
+            not isinstance(self.scale, Tensor)
+            and not isinstance(self.gain, Tensor)
+            and self.scale + self.gain == 1
+            and state.dtype == increment.dtype
+        )
 
     def combine(self, old: Tensor, increment: Tensor) -> Tensor:
         """The updated component ``scale * old + gain * increment``."""
-        if self._is_interpolation():
+        if self._is_interpolation(old, increment):
             return torch.lerp(increment, old, self.scale)
         base = old if _is_one(self.scale) else self.scale * old
         if isinstance(self.gain, Tensor):
@@ -104,7 +110,7 @@ class Update:
 
     def uncombine(self, new: Tensor, increment: Tensor) -> Tensor:
         """The old component ``(new - gain * increment) / scale``."""
-        if self._is_interpolation():
+        if self._is_interpolation(new, increment):
             return torch.lerp(increment, new, 1 / self.scale)
         if isinstance(self.gain, Tensor):
             difference = new - self.gain * increment
