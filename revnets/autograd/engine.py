@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..steps.base import State, Step, Update
 from .exact import InformationBuffer, check_range, dequantize, exact_ratio, quantize, scale_exact, unscale_exact
-from .replay import AutocastState, RngSnapshot, accelerator_devices, frozen_running_stats, running_stat_modules
+from .replay import AutocastState, RngSnapshot, accelerator_devices, preserved_running_stats, running_stat_modules
 
 MODES = ("reversible", "autograd", "checkpoint")
 
@@ -148,7 +148,7 @@ class _FixedPointArithmetic:
         return dequantize(component, self.frac_bits, self.dtype)
 
     def _quantized(self, update: Update, increment: Tensor, where: str) -> Tensor:
-        gained = update.gained(increment.detach()).detach()
+        gained = update.gained(increment.detach().to(self.dtype))
         return quantize(gained, self.frac_bits, what=f"the output of a function at {where}")
 
     def apply(self, j: int, update: Update, old: Tensor, buffer: InformationBuffer, increment: Tensor, where: str):
@@ -393,7 +393,7 @@ class _ReversibleFunction(torch.autograd.Function):
             for i, a in enumerate(arg_tensors)
         )
         args, kwargs = run.arguments(arg_leaves)
-        with ctx.autocast.restored(), frozen_running_stats(run.norm_modules):
+        with ctx.autocast.restored(), preserved_running_stats(run.norm_modules):
             state_grads, arg_grads, param_grads = _backward_layers(
                 run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.rng_log
             )
@@ -454,7 +454,7 @@ def run(
         norm_modules = stack.norm_modules()
 
         def contexts():
-            return contextlib.nullcontext(), frozen_running_stats(norm_modules)
+            return contextlib.nullcontext(), preserved_running_stats(norm_modules)
 
         for k, functions in enumerate(stack.layers):
             state = checkpoint(
@@ -479,7 +479,7 @@ def invert(stack: Stack, state: State, args: tuple = (), kwargs: dict | None = N
     """
     kwargs = {} if kwargs is None else kwargs
     state = tuple(state)
-    with torch.no_grad(), frozen_running_stats(stack.norm_modules()):
+    with torch.no_grad(), preserved_running_stats(stack.norm_modules()):
         return _inverse_layers(stack.step(), stack.layers, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
 
 
@@ -496,7 +496,7 @@ def run_exact(stack: Stack, state: ExactState, args: tuple = (), kwargs: dict | 
 def invert_exact(stack: Stack, state: ExactState, args: tuple = (), kwargs: dict | None = None) -> ExactState:
     """The bit-exact inverse of :func:`run_exact`."""
     kwargs = {} if kwargs is None else kwargs
-    with torch.no_grad(), frozen_running_stats(stack.norm_modules()):
+    with torch.no_grad(), preserved_running_stats(stack.norm_modules()):
         step = stack.step()
         arithmetic = _FixedPointArithmetic.for_step(step, state.frac_bits, state.dtype)
         tensors, buffers = _inverse_layers(step, stack.layers, state.tensors, state.buffers, args, kwargs, arithmetic)

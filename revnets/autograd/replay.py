@@ -7,7 +7,7 @@ A recomputation must see what the original forward saw:
   :func:`torch.random.fork_rng` so that the caller's generator is untouched;
 * the autocast settings: :class:`AutocastState`;
 * normalisation layers must not update their running statistics a second time:
-  :func:`frozen_running_stats`.
+  :class:`preserved_running_stats`.
 """
 
 from __future__ import annotations
@@ -93,26 +93,34 @@ def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
     return tuple(found.values())
 
 
-class frozen_running_stats:  # noqa: N801 - used like a function-style context manager
-    """Recompute normalisation layers without updating their running statistics again.
+class preserved_running_stats:  # noqa: N801 - used like a function-style context manager
+    """Recompute normalisation layers without changing their running statistics.
 
-    In training mode a layer with ``track_running_stats=False`` normalises with the batch statistics
-    (what the original forward used) and leaves ``running_mean``, ``running_var`` and
-    ``num_batches_tracked`` alone. In eval mode the flag is left as is (eval mode uses, and does not
-    change, the running statistics). Re-entrant: the same object may be entered again after it was
-    exited (``torch.utils.checkpoint`` enters its recomputation context once per backward).
+    On entry the running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) of
+    the layers in training mode are copied; on exit they are written back, so a recomputation
+    leaves them as the original forward left them: updated exactly once per training step. The
+    recomputation itself runs the layers unchanged (batch statistics in training mode, the same
+    saved tensors, which ``torch.utils.checkpoint`` verifies). Re-entrant: the same object may be
+    entered again after it was exited (checkpoint enters its recomputation context once per backward).
     """
+
+    _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
     def __init__(self, modules: Iterable[_NormBase]):
         self.modules = tuple(modules)
-        self.frozen: list[tuple[_NormBase, ...]] = []
+        self.saved: list[list[tuple[Tensor, Tensor]]] = []
 
     def __enter__(self) -> None:
-        frozen = tuple(m for m in self.modules if m.training and m.track_running_stats)
-        for module in frozen:
-            module.track_running_stats = False
-        self.frozen.append(frozen)
+        saved = []
+        for module in self.modules:
+            if module.training:
+                for name in self._STATISTICS:
+                    buffer = getattr(module, name)
+                    if buffer is not None:
+                        saved.append((buffer, buffer.clone()))
+        self.saved.append(saved)
 
     def __exit__(self, *exc_info) -> None:
-        for module in self.frozen.pop():
-            module.track_running_stats = True
+        with torch.no_grad():
+            for buffer, value in self.saved.pop():
+                buffer.copy_(value)

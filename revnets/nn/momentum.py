@@ -62,9 +62,9 @@ class MomentumNet(ReversibleNet):
                 raise ValueError("learn_gamma=True is not supported with exact=True: exact inversion needs a fixed rational gamma")
             self.gamma_logit = nn.Parameter(torch.logit(torch.tensor(float(gamma), dtype=torch.get_default_dtype())))
         else:
-            self._gamma = gamma
-            if exact:
-                exact_ratio(gamma, name="gamma")
+            # Exact mode multiplies by the rational n/d that exact_ratio returns (it warns if that is not
+            # gamma itself); the gain 1 − γ then uses the same value, so the scheme is one consistent γ.
+            self._gamma = float(exact_ratio(gamma, name="gamma")) if exact else gamma
         if init_velocity is not None and not isinstance(init_velocity, nn.Module):
             raise TypeError(f"init_velocity must be an nn.Module or None; got {type(init_velocity).__name__}")
         self.init_velocity = init_velocity
@@ -72,7 +72,8 @@ class MomentumNet(ReversibleNet):
 
     @property
     def gamma(self) -> float | Tensor:
-        """γ: a float, or a 0-dim tensor with gradient when ``learn_gamma=True``."""
+        """γ as used: a float (with ``exact=True``, the rational n/d in use), or a 0-dim tensor with
+        gradient when ``learn_gamma=True``."""
         return torch.sigmoid(self.gamma_logit) if self.learn_gamma else self._gamma
 
     def validate_mode(self, mode: str) -> None:

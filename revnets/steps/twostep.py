@@ -25,5 +25,12 @@ def midpoint_step(h: float) -> Step:
 
 
 def leapfrog_step(h: float) -> Step:
-    """``(Y_{j−1}, Y_j) -> (Y_j, 2·Y_j − Y_{j−1} − h²·f(Y_j))``: scale −1 on ``Y_{j−1}``."""
-    return Step((Update(0, lambda s, fns, a, k: 2 * s[1] - h * h * fns[0](s[1], *a, **k), scale=-1.0),), order=_SWAP)
+    """``(Y_{j−1}, Y_j) -> (Y_j, 2·Y_j − Y_{j−1} − h²·f(Y_j))`` as two updates of ``Y_{j−1}``:
+    ``−Y_{j−1} − h²·f(Y_j)`` (scale −1), then ``+ 2·Y_j``."""
+    return Step(
+        (
+            Update(0, lambda s, fns, a, k: fns[0](s[1], *a, **k), scale=-1.0, gain=-h * h),
+            Update(0, lambda s, fns, a, k: s[1], gain=2.0),
+        ),
+        order=_SWAP,
+    )
