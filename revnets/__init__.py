@@ -11,6 +11,8 @@ from .nn import LeapfrogNet as LeapfrogNet
 from .nn import MidpointNet as MidpointNet
 from .nn import MomentumNet as MomentumNet
 from .nn import ReversibleNet as ReversibleNet
+from .nn import set_mode as set_mode
+from .convert import convert_to_momentum as convert_to_momentum
 from .nn import RevNet as RevNet
 
 __version__ = "0.1.0"

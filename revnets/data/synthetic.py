@@ -1,4 +1,4 @@
-"""Generated datasets from Sander et al. (2021)."""
+"""Generated datasets from Sander et al. (2021): nested rings (classification) and x ↦ −x³ (regression)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,19 @@ def nested_rings(
     angle = 2 * torch.pi * torch.rand(n_points, generator=generator)
     x = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
     return x, ring % 2
+
+
+def cubic_map(n_points: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The 1-D regression task ``x ↦ −x³`` of Sander et al. (2021).
+
+    ``x ~ U[−1, 1]`` and the target is ``y = −x³``. The map is decreasing: it reverses the order of
+    the line, which the flow of a first-order ODE on ℝ (a ResNet in the continuous-depth limit)
+    cannot do, since its trajectories cannot cross; a Momentum ResNet (a second-order ODE) can.
+
+    Returns:
+        ``x`` and ``y``, both of shape ``(n_points, 1)`` (float32).
+    """
+    if n_points < 1:
+        raise ValueError(f"n_points must be >= 1; got {n_points}")
+    x = 2 * torch.rand(n_points, 1, generator=generator) - 1
+    return x, -(x**3)

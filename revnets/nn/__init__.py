@@ -1,6 +1,7 @@
 """User-facing reversible networks: each a short declaration on the shared engine."""
 
 from .base import ReversibleNet as ReversibleNet
+from .base import set_mode as set_mode
 from .base import TwoStreamNet as TwoStreamNet
 from .coupling import HamiltonianNet as HamiltonianNet
 from .coupling import RevNet as RevNet

@@ -28,6 +28,27 @@ def as_module_list(functions: Iterable[Callable[..., Tensor]], name: str) -> nn.
     return nn.ModuleList(modules)
 
 
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every stack inside ``model`` that has a memory strategy to ``mode``; returns ``model``.
+
+    A stack is any submodule with ``check_mode_allowed(mode)`` and ``set_mode(mode)`` (every
+    :class:`ReversibleNet`, the plain stages of the model zoo). All are checked before any is
+    changed, so on error the model is left as it was.
+
+    Raises:
+        ValueError: unknown ``mode``, a stack that cannot run in it, or no stack in ``model``.
+    """
+    check_mode(mode)
+    stacks = [m for m in model.modules() if callable(getattr(m, "check_mode_allowed", None))]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__} contains no reversible stack whose mode could be set")
+    for stack in stacks:
+        stack.check_mode_allowed(mode)
+    for stack in stacks:
+        stack.set_mode(mode)
+    return model
+
+
 class _Function(nn.Module):
     """A parameter-free callable registered as a module."""
 
@@ -90,12 +111,16 @@ class ReversibleNet(nn.Module):
     # -- shared behaviour -----------------------------------------------------------------------------
     def set_mode(self, mode: str) -> ReversibleNet:
         """Switch the memory strategy (``"reversible"``, ``"autograd"``, ``"checkpoint"``); returns self."""
+        self.check_mode_allowed(mode)
+        self.mode = mode
+        return self
+
+    def check_mode_allowed(self, mode: str) -> None:
+        """Raise ``ValueError`` if this network cannot run in ``mode`` (unknown mode, exact needs reversible...)."""
         check_mode(mode)
         if self.exact and mode != "reversible":
             raise ValueError(f"exact=True needs mode='reversible'; got mode={mode!r}")
         self.validate_mode(mode)
-        self.mode = mode
-        return self
 
     def validate_mode(self, mode: str) -> None:
         """Hook for schemes that are not invertible in some configuration."""

@@ -1,0 +1,198 @@
+"""``convert_to_momentum``: the Momentum ResNet paper's drop-in replacement for existing models.
+
+Every residual stack found (or named) in a model becomes a :class:`~revnets.MomentumNet` whose
+functions are the stack's blocks with the identity taken out, ``f_n(x) = block_n(x) − x``:
+
+* a ResNet stage (``nn.Sequential`` of torchvision/timm ``BasicBlock``/``Bottleneck``, recognised by
+  their ``downsample`` attribute) keeps its first block (which may change shape or stride) and turns
+  the others into one momentum stack;
+* ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` (and both halves of ``nn.Transformer``) turn
+  all their layers into one momentum stack; masks, key-padding masks and the encoder memory reach
+  every layer, and the final norm is kept.
+
+With ``γ = 0`` the converted model computes the original one (``x + (block(x) − x)``), so
+pretrained weights carry over; training then raises γ.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from torch import Tensor, nn
+
+from ..autograd.engine import check_mode
+from ..nn.base import ReversibleNet
+from ..nn.momentum import MomentumNet
+from .residual import ResidualFunction
+
+
+@dataclass(frozen=True)
+class _Settings:
+    gamma: float | Fraction
+    mode: str
+    exact: bool
+
+    def momentum_net(self, blocks: Sequence[nn.Module]) -> MomentumNet:
+        functions = [ResidualFunction(block) for block in blocks]
+        return MomentumNet(functions, self.gamma, mode=self.mode, exact=self.exact)
+
+
+class MomentumTransformerEncoder(nn.Module):
+    """``nn.TransformerEncoder`` with its layers run as a momentum stack; same ``forward`` signature.
+
+    ``src`` is ``(B, S, E)`` (``batch_first``) or ``(S, B, E)``; output of the same shape. PyTorch's
+    nested-tensor fast path is not used: padded positions are computed like the others.
+    """
+
+    def __init__(self, encoder: nn.TransformerEncoder, settings: _Settings):
+        super().__init__()
+        self.layers = settings.momentum_net(list(encoder.layers))
+        self.norm = encoder.norm
+
+    def forward(
+        self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> Tensor:
+        out = self.layers(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+        return out if self.norm is None else self.norm(out)
+
+
+class MomentumTransformerDecoder(nn.Module):
+    """``nn.TransformerDecoder`` with its layers run as a momentum stack; same ``forward`` signature.
+
+    ``memory`` (the encoder output) reaches every layer and receives its gradient.
+    """
+
+    def __init__(self, decoder: nn.TransformerDecoder, settings: _Settings):
+        super().__init__()
+        self.layers = settings.momentum_net(list(decoder.layers))
+        self.norm = decoder.norm
+
+    def forward(
+        self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None, memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool | None = None, memory_is_causal: bool = False,
+    ) -> Tensor:
+        out = self.layers(
+            tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
+            memory_is_causal=memory_is_causal,
+        )
+        return out if self.norm is None else self.norm(out)
+
+
+def _is_resnet_stage(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and len(module) > 0 and all(hasattr(b, "downsample") for b in module)
+
+
+def _convert_resnet_stage(stage: nn.Sequential, name: str, settings: _Settings) -> nn.Module:
+    """Keep the first block; the others (which must keep the shape) become one momentum stack."""
+    first, *rest = list(stage)
+    for i, block in enumerate(rest, start=1):
+        if not hasattr(block, "downsample"):
+            raise ValueError(
+                f"cannot convert {name}[{i}] ({type(block).__name__}): not a recognised residual block "
+                "(torchvision/timm BasicBlock or Bottleneck, which have a `downsample` attribute)"
+            )
+        if block.downsample is not None:
+            raise ValueError(
+                f"cannot convert {name}[{i}] ({type(block).__name__}): it changes shape (it has a downsample "
+                "shortcut), and only the first block of a stage may"
+            )
+    if not rest:
+        return stage
+    return nn.Sequential(first, settings.momentum_net(rest))
+
+
+def _convert(module: nn.Module, name: str, settings: _Settings) -> nn.Module:
+    """The converted replacement of ``module`` (the submodule at ``name``)."""
+    if isinstance(module, (ReversibleNet, MomentumTransformerEncoder, MomentumTransformerDecoder)):
+        raise ValueError(f"cannot convert {name} ({type(module).__name__}): it is already reversible")
+    if isinstance(module, nn.Transformer):
+        module.encoder = _convert(module.encoder, f"{name}.encoder", settings)
+        module.decoder = _convert(module.decoder, f"{name}.decoder", settings)
+        return module
+    if isinstance(module, nn.TransformerEncoder):
+        return MomentumTransformerEncoder(module, settings)
+    if isinstance(module, nn.TransformerDecoder):
+        return MomentumTransformerDecoder(module, settings)
+    if isinstance(module, nn.Sequential):
+        return _convert_resnet_stage(module, name, settings)
+    raise ValueError(
+        f"cannot convert {name} ({type(module).__name__}): expected a ResNet stage (nn.Sequential of "
+        "torchvision/timm residual blocks), nn.TransformerEncoder, nn.TransformerDecoder or nn.Transformer"
+    )
+
+
+def find_residual_stacks(model: nn.Module) -> list[str]:
+    """Names of the stacks :func:`convert_to_momentum` converts when ``sub_layers`` is not given.
+
+    Transformers and Transformer encoders/decoders, and ResNet stages of at least two blocks; a stack
+    inside one already found is not listed again. ``""`` stands for ``model`` itself.
+    """
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(outer == "" or name.startswith(f"{outer}.") for outer in found):
+            continue
+        transformer = isinstance(module, (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder))
+        if transformer or (_is_resnet_stage(module) and len(module) > 1):
+            found.append(name)
+    return found
+
+
+def convert_to_momentum(
+    model: nn.Module,
+    gamma: float | Fraction = 0.9,
+    *,
+    mode: str = "reversible",
+    exact: bool = False,
+    sub_layers: Sequence[str] | None = None,
+) -> nn.Module:
+    """A deep copy of ``model`` whose residual stacks are Momentum ResNet stacks.
+
+    Args:
+        model: the model to convert (left unchanged).
+        gamma: momentum γ ∈ [0, 1] of every stack; γ = 0 reproduces ``model`` (it then needs
+            ``mode="autograd"`` or ``"checkpoint"``: a γ = 0 stack cannot be inverted).
+        mode, exact: memory strategy of the stacks (see :class:`revnets.MomentumNet`).
+        sub_layers: dotted names of the submodules to convert (``["layer1", "layer2"]``,
+            ``["encoder"]``); by default every stack :func:`find_residual_stacks` finds.
+
+    Raises:
+        ValueError: a name in ``sub_layers`` is not a submodule, a submodule cannot be converted (the
+            message says which and why), or no stack was found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    check_mode(mode)
+    settings = _Settings(gamma, mode, exact)
+    converted = copy.deepcopy(model)
+    if sub_layers is None:
+        names = find_residual_stacks(converted)
+        if not names:
+            raise ValueError(
+                f"found no residual stack in {type(model).__name__} (ResNet stages, nn.Transformer*): name "
+                "the stacks to convert with sub_layers=[...]"
+            )
+    else:
+        if isinstance(sub_layers, str) or not all(isinstance(n, str) for n in sub_layers):
+            raise TypeError(f"sub_layers must be a list of submodule names; got {sub_layers!r}")
+        names = list(sub_layers)
+    for name in names:
+        try:
+            module = converted.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(n for n, _ in converted.named_children())
+            raise ValueError(
+                f"sub_layers names {name!r}, which is not a submodule of {type(model).__name__} "
+                f"(its children: {children})"
+            ) from None
+        replacement = _convert(module, name or type(model).__name__, settings)
+        if not name:
+            converted = replacement
+        elif replacement is not module:
+            converted.set_submodule(name, replacement)
+    return converted

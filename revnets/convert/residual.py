@@ -1,0 +1,48 @@
+"""Residual functions cut out of existing blocks: ``f(x, ...) = block(x, ...) − x``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def fused_attention_fast_path_disabled() -> Iterator[None]:
+    """Turn off PyTorch's fused Transformer/attention inference path inside the block.
+
+    The fused path runs only without autograd, so a reversible forward (no graph) would take it while
+    the backward's recomputation (with graph) would not: two different roundings of the same layer,
+    and a reconstruction that drifts. With it off, both compute the layer's documented maths.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+class ResidualFunction(nn.Module):
+    """``f(x, *args, **kwargs) = block(x, *args, **kwargs) − x`` for a block computing ``x + F(x)``.
+
+    Plugged into a momentum step, ``γ = 0`` gives ``x + f(x) = block(x)``: the original block. The
+    block's extra arguments (attention masks, encoder memory) are passed through. Shapes: ``x`` and
+    ``block(x)`` must agree, which the engine checks at every layer.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        with fused_attention_fast_path_disabled():
+            out = self.block(x, *args, **kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"{type(self.block).__name__} returned {type(out).__name__}, not a tensor: only blocks that "
+                "return their output tensor alone can be converted"
+            )
+        return out - x

@@ -1,0 +1,138 @@
+"""CIFAR ResNets (3×3 stride-1 stem, no max-pool) and their Momentum and RevNet counterparts.
+
+* ``resnet{18,34,50,101}``: plain ResNets (He et al. 2016) with the CIFAR stem of Sander et al.
+  (2021): 3×3 conv (64 ch) + BN + ReLU, four stages of 64/128/256/512 (×4 for bottlenecks) channels
+  at strides 1, 2, 2, 2, global average pooling, linear head.
+* ``momentum_resnet*``: the same network converted by :func:`revnets.convert_to_momentum`: each
+  stage keeps its first block and runs the rest as one momentum stack with ``f(x) = block(x) − x``;
+  ``init_velocity="learned"`` adds ``v₀ = φ(x₀)`` per stack, φ a fresh block of the stage's kind
+  (again with the identity taken out), instead of ``v₀ = 0``.
+* ``revnet*``: the same stages with the non-first blocks replaced by additive couplings (Gomez
+  et al. 2017) on the two channel halves, ``F``/``G`` being the block's residual branch at half width
+  (so about half the parameters of the plain block).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ..convert.momentum import convert_to_momentum
+from ..convert.residual import ResidualFunction
+from ..nn.coupling import RevNet
+from ..nn.momentum import MomentumNet
+from .base import ZooModel
+from .layers import BasicBlock, Bottleneck, Stage, conv3x3
+from .registry import register_model
+
+STAGE_CHANNELS = (64, 128, 256, 512)
+STAGE_STRIDES = (1, 2, 2, 2)
+CONFIGS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class CifarResNet(ZooModel):
+    """A ResNet for 32×32 images: ``(B, in_channels, H, W) → (B, num_classes)``.
+
+    Attributes ``layer1 … layer4`` are the stages (``nn.Sequential`` of blocks, torchvision's
+    layout), so :func:`revnets.convert_to_momentum` converts this model like a torchvision one.
+    """
+
+    def __init__(self, block: type[nn.Module], blocks_per_stage: tuple[int, ...], num_classes: int = 10,
+                 in_channels: int = 3):
+        super().__init__(num_classes, STAGE_CHANNELS[-1] * block.expansion)
+        self.stem = nn.Sequential(conv3x3(in_channels, STAGE_CHANNELS[0]), nn.BatchNorm2d(STAGE_CHANNELS[0]),
+                                  nn.ReLU(inplace=True))
+        channels_in = STAGE_CHANNELS[0]
+        for index, (channels, stride, count) in enumerate(zip(STAGE_CHANNELS, STAGE_STRIDES, blocks_per_stage), 1):
+            blocks = [block(channels_in, channels, stride)]
+            channels_in = channels * block.expansion
+            blocks += [block(channels_in, channels) for _ in range(count - 1)]
+            setattr(self, f"layer{index}", Stage(*blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem(x)  # (B, 64, H, W)
+        for stage in self.stages():
+            x = stage(x)  # (B, C_k, H/2^k, W/2^k)
+        return torch.flatten(self.pool(x), 1)  # (B, num_features)
+
+
+def resnet(depth: int, num_classes: int = 10, *, in_channels: int = 3) -> CifarResNet:
+    """The plain CIFAR ResNet-``depth`` (18, 34, 50 or 101)."""
+    block, counts = CONFIGS[depth]
+    return CifarResNet(block, counts, num_classes, in_channels)
+
+
+def momentum_resnet(
+    depth: int, num_classes: int = 10, *, gamma: float = 0.9, init_velocity: str = "zero",
+    mode: str = "reversible", exact: bool = False, in_channels: int = 3,
+) -> CifarResNet:
+    """The CIFAR Momentum ResNet-``depth``: :func:`resnet` converted with momentum ``gamma``.
+
+    ``init_velocity``: ``"zero"`` (v₀ = 0) or ``"learned"`` (v₀ = φ(x₀), one fresh block per stack).
+    """
+    if init_velocity not in ("zero", "learned"):
+        raise ValueError(f"init_velocity must be 'zero' or 'learned'; got {init_velocity!r}")
+    block, counts = CONFIGS[depth]
+    model = convert_to_momentum(resnet(depth, num_classes, in_channels=in_channels), gamma, mode=mode, exact=exact)
+    if init_velocity == "learned":
+        for stage, channels in zip(model.stages(), STAGE_CHANNELS):
+            stack = stage[-1]
+            if isinstance(stack, MomentumNet):
+                stack.init_velocity = ResidualFunction(block(channels * block.expansion, channels))
+    return model
+
+
+class _HalfWidthBranch(nn.Module):
+    """The residual branch of ``block`` at half the stage's width: ``(B, C/2, H, W) → (B, C/2, H, W)``."""
+
+    def __init__(self, block: type[nn.Module], channels: int):
+        super().__init__()
+        half = channels // 2
+        self.block = block(half * block.expansion, half)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block.residual(x)
+
+
+def revnet(depth: int, num_classes: int = 10, *, mode: str = "reversible", exact: bool = False,
+           in_channels: int = 3) -> CifarResNet:
+    """The RevNet counterpart of :func:`resnet`: each stage's first block, then one additive coupling
+    per remaining block (``F``, ``G``: the block's residual branch at half width)."""
+    block, counts = CONFIGS[depth]
+    model = resnet(depth, num_classes, in_channels=in_channels)
+    for index, (stage, channels) in enumerate(zip(model.stages(), STAGE_CHANNELS), 1):
+        first, *rest = list(stage)
+        if rest:
+            couplings = RevNet(
+                [_HalfWidthBranch(block, channels) for _ in rest], [_HalfWidthBranch(block, channels) for _ in rest],
+                mode=mode, exact=exact,
+            )
+            setattr(model, f"layer{index}", nn.Sequential(first, couplings))
+    model._initialise()
+    return model
+
+
+for _depth in CONFIGS:
+    register_model(partial(resnet, _depth), name=f"resnet{_depth}")
+    register_model(partial(momentum_resnet, _depth), name=f"momentum_resnet{_depth}")
+    register_model(partial(revnet, _depth), name=f"revnet{_depth}")
