@@ -28,6 +28,15 @@ class ZooModel(nn.Module):
         self.num_features = num_features
         self.head = nn.Linear(num_features, self.num_classes)
 
+    def initialise_weights(self) -> None:
+        """He (fan-out) initialisation of every convolution; BatchNorm scales 1 and shifts 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -256,15 +256,7 @@ class ChangNet(ZooModel):
             _make_unit(scheme, c, b, h, mode, exact) for c, b in zip(channels[1:], blocks)
         )
         self.norm = nn.BatchNorm2d(channels[-1])
-        self._initialise()
-
-    def _initialise(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.initialise_weights()
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = pad_streams(self.stem(x), self.channels[1])  # (B, channels[1], H, W)

@@ -56,15 +56,7 @@ class CifarResNet(ZooModel):
             blocks += [block(channels_in, channels) for _ in range(count - 1)]
             setattr(self, f"layer{index}", Stage(*blocks))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self._initialise()
-
-    def _initialise(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.initialise_weights()
 
     def stages(self) -> list[nn.Module]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
@@ -128,7 +120,7 @@ def revnet(depth: int, num_classes: int = 10, *, mode: str = "reversible", exact
                 mode=mode, exact=exact,
             )
             setattr(model, f"layer{index}", nn.Sequential(first, couplings))
-    model._initialise()
+    model.initialise_weights()
     return model
 
 
