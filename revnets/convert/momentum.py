@@ -8,7 +8,9 @@ functions are the stack's blocks with the identity taken out, ``f_n(x) = block_n
   the others into one momentum stack;
 * ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` (and both halves of ``nn.Transformer``) turn
   all their layers into one momentum stack; masks, key-padding masks and the encoder memory reach
-  every layer, and the final norm is kept.
+  every layer, and the final norm is kept;
+* the layer list of a Hugging Face GPT-2, BERT or ViT model (``h``, ``encoder.layer``, ``layers``)
+  becomes one momentum stack that the model's own loop calls (see :mod:`revnets.convert.huggingface`).
 
 With ``γ = 0`` the converted model computes the original one (``x + (block(x) − x)``), so
 pretrained weights carry over; training then raises γ.
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from ..autograd.engine import check_mode
 from ..nn.base import ReversibleNet
 from ..nn.momentum import MomentumNet
+from . import huggingface
 from .residual import ResidualFunction
 
 
@@ -121,24 +124,28 @@ def _convert(module: nn.Module, name: str, settings: _Settings) -> nn.Module:
         return MomentumTransformerDecoder(module, settings)
     if isinstance(module, nn.Sequential):
         return _convert_resnet_stage(module, name, settings)
+    if huggingface.holds_transformers_layers(module):
+        return huggingface.convert_layer_list(module, name, settings)
     raise ValueError(
         f"cannot convert {name} ({type(module).__name__}): expected a ResNet stage (nn.Sequential of "
-        "torchvision/timm residual blocks), nn.TransformerEncoder, nn.TransformerDecoder or nn.Transformer"
+        "torchvision/timm residual blocks), nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer "
+        "or the layer list of a Hugging Face GPT-2/BERT/ViT model"
     )
 
 
 def find_residual_stacks(model: nn.Module) -> list[str]:
     """Names of the stacks :func:`convert_to_momentum` converts when ``sub_layers`` is not given.
 
-    Transformers and Transformer encoders/decoders, and ResNet stages of at least two blocks; a stack
-    inside one already found is not listed again. ``""`` stands for ``model`` itself.
+    Transformers and Transformer encoders/decoders, ResNet stages of at least two blocks and the layer
+    lists of Hugging Face GPT-2/BERT/ViT models; a stack inside one already found is not listed again.
+    ``""`` stands for ``model`` itself.
     """
     found: list[str] = []
     for name, module in model.named_modules():
         if any(outer == "" or name.startswith(f"{outer}.") for outer in found):
             continue
         transformer = isinstance(module, (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder))
-        if transformer or (_is_resnet_stage(module) and len(module) > 1):
+        if transformer or (_is_resnet_stage(module) and len(module) > 1) or huggingface.is_layer_list(module):
             found.append(name)
     return found
 
@@ -159,7 +166,7 @@ def convert_to_momentum(
             ``mode="autograd"`` or ``"checkpoint"``: a γ = 0 stack cannot be inverted).
         mode, exact: memory strategy of the stacks (see :class:`revnets.MomentumNet`).
         sub_layers: dotted names of the submodules to convert (``["layer1", "layer2"]``,
-            ``["encoder"]``); by default every stack :func:`find_residual_stacks` finds.
+            ``["encoder"]``, ``["transformer.h"]``); by default every stack :func:`find_residual_stacks` finds.
 
     Raises:
         ValueError: a name in ``sub_layers`` is not a submodule, a submodule cannot be converted (the
@@ -174,7 +181,8 @@ def convert_to_momentum(
         names = find_residual_stacks(converted)
         if not names:
             raise ValueError(
-                f"found no residual stack in {type(model).__name__} (ResNet stages, nn.Transformer*): name "
+                f"found no residual stack in {type(model).__name__} (ResNet stages, nn.Transformer*, Hugging Face "
+                "GPT-2/BERT/ViT layer lists): name "
                 "the stacks to convert with sub_layers=[...]"
             )
     else:
