@@ -524,3 +524,21 @@ def test_function_width_helper():
     assert function_width("MomentumNet", 6) == 6 and function_width("RevNet", 6) == 3
     net = make_net("MidpointNet", depth=2, width=6)
     assert net.functions[0][0].in_features == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# keep_input: the first layer is evaluated on the stored input instead of its reconstruction.
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_keep_input_gradients_match_reference_with_extra_arguments(arch):
+    net = make_net(arch, depth=4, width=4, function=Conditioned)
+    net.keep_input = True
+    x = make_input(4, 4, requires_grad=True)
+    c, shift, mask, extra = _conditioning(4)
+    ct = _cotangent(x.shape)
+    params = list(net.parameters())
+    expected = gradients(lambda: reference_forward(net, x, c, mask=mask, extra=extra), (x, c, shift), params, ct)
+    got = torch.autograd.grad((net(x, c, mask=mask, extra=extra) * ct).sum(), [x, c, shift, *params])
+    assert max_relative_error(list(got), expected) < 1e-10
+

@@ -253,8 +253,11 @@ def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic):
     return tensors, buffers
 
 
-def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, rng_log):
+def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, rng_log, kept_input=None):
     """The memory-free backward: invert layer by layer, one evaluation of each function.
+
+    ``kept_input``: the input state, if kept; in the first layer, a component is then taken from it as
+    soon as no update left to undo targets it, so that the first layer's functions see the exact input.
 
     Returns the gradients of the input state, the accumulated gradients of ``arg_leaves`` (``None``
     where unused) and of ``run.params`` (``None`` where unused).
@@ -272,6 +275,9 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
         for j in reversed(range(len(step.updates))):
             update = step.updates[j]
             t = update.target
+            if k == 0 and kept_input is not None:
+                pending = {u.target for u in step.updates[: j + 1]}
+                tensors = tuple(c if i in pending else kept_input[i] for i, c in enumerate(tensors))
             others = [i for i in range(len(tensors)) if i != t]
             replay = rng_log[(k, j)].restored() if (k, j) in rng_log else contextlib.nullcontext()
             with torch.enable_grad(), replay:
@@ -333,6 +339,7 @@ class _Run:
     layer_params: tuple[tuple[int, ...], ...]
     frac_bits: int | None
     norm_modules: tuple = field(default=())
+    keep_input: bool = False
 
     def parameters_changed(self) -> bool:
         """Whether the stack's trainable parameters are no longer the tensors recorded by the forward."""
@@ -369,7 +376,7 @@ class _ReversibleFunction(torch.autograd.Function):
             step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic, ctx.rng_log, devices
         )
         ctx.arithmetic, ctx.buffers = arithmetic, buffers
-        ctx.save_for_backward(*tensors, *arg_tensors)
+        ctx.save_for_backward(*tensors, *arg_tensors, *(state if run.keep_input else ()))
         return tuple(arithmetic.view(c) for c in tensors)
 
     @staticmethod
@@ -383,7 +390,9 @@ class _ReversibleFunction(torch.autograd.Function):
                 "backward re-evaluates the modules and would differentiate the wrong weights: use mode='autograd'"
             )
         saved = ctx.saved_tensors
-        tensors, arg_tensors = saved[: run.n_state], saved[run.n_state :]
+        kept_input = tuple(c.detach() for c in saved[len(saved) - run.n_state :]) if run.keep_input else None
+        n_args = len(saved) - run.n_state * (2 if run.keep_input else 1)
+        tensors, arg_tensors = saved[: run.n_state], saved[run.n_state : run.n_state + n_args]
         arithmetic = ctx.arithmetic
         grads = tuple(
             g if g is not None else torch.zeros_like(arithmetic.view(c)) for g, c in zip(output_grads, tensors, strict=True)
@@ -395,7 +404,7 @@ class _ReversibleFunction(torch.autograd.Function):
         args, kwargs = run.arguments(arg_leaves)
         with ctx.autocast.restored(), preserved_running_stats(run.norm_modules):
             state_grads, arg_grads, param_grads = _backward_layers(
-                run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.rng_log
+                run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.rng_log, kept_input
             )
         offset = 1 + run.n_state
         state_grads = [g if ctx.needs_input_grad[1 + i] else None for i, g in enumerate(state_grads)]
@@ -417,6 +426,7 @@ def run(
     *,
     mode: str = "reversible",
     frac_bits: int | None = None,
+    keep_input: bool = False,
 ) -> State:
     """Run ``stack`` on ``state`` under the memory strategy ``mode``.
 
@@ -428,6 +438,9 @@ def run(
         mode: ``"reversible"``, ``"autograd"`` or ``"checkpoint"``.
         frac_bits: if given, run in fixed point with this many fractional bits (reversible mode or
             no gradient only); the output is dequantised.
+        keep_input: reversible mode in floating point: also keep the input state, and evaluate the
+            first layer's functions on it rather than on its reconstruction (one state more in memory;
+            inversion rounding then never reaches the first layer).
 
     Returns:
         The output state, a tuple of tensors of the input's shapes.
@@ -446,7 +459,10 @@ def run(
     if mode == "reversible" and (needs_graph or frac_bits is not None):
         if not needs_graph:
             return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
-        plan = _Run(stack, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, stack.norm_modules())
+        plan = _Run(
+            stack, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, stack.norm_modules(),
+            keep_input and frac_bits is None,
+        )
         return _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
     step = stack.step()
     buffers = (None,) * len(state)

@@ -57,12 +57,12 @@ over consecutive kernels of a unit (for the Hamiltonian, the ``F`` kernels and t
 two sequences, as in the authors' ``_weight_smoothness``; their ``tf.nn.l2_loss`` carries an extra
 factor 1/2). A trainer adds it with weight 2e-4; the model does not.
 
-**Precision caveat** (float32, ``mode="reversible"``): the channels a transition zero-pads reach the
-first branch of units 2 and 3 with zero variance, and that branch's input BatchNorm divides them by
-``sqrt(eps)`` (≈ 1/316). The backward reconstructs them with rounding noise, which is amplified by the
-same factor: measured float32 gradient errors against ``mode="autograd"`` are ~1e-2 at depth 38 and a
-few 1e-2 at depth 110 (≈ 1e-6 with no padding or without the input BatchNorm; float64 agrees to
-< 1e-9). ``exact=True`` (bit-exact inversion) gives ≈ 1e-6 at depth 38.
+**Precision** (float32, ``mode="reversible"``): the channels a transition zero-pads reach the first
+branch of units 2 and 3 with zero variance, and that branch's input BatchNorm would divide their
+inversion rounding by ``sqrt(eps)`` (≈ 316×): float32 gradients were ~1e-2 off at depth 38. Each unit
+therefore keeps its input (``keep_input``, one state per unit: the paper stores activations at unit
+boundaries), and the engine evaluates the unit's first layer on it: float32 gradients then agree
+with ``mode="autograd"`` to ~1e-6 (depth 38 and 110); float64 to < 1e-9.
 """
 
 from __future__ import annotations
@@ -183,16 +183,23 @@ def transition(x: Tensor, channels: int) -> Tensor:
 
 
 def _make_unit(scheme: str, channels: int, blocks: int, h: float, mode: str, exact: bool) -> ReversibleNet:
-    """One reversible stack on ``channels`` channels (two streams of ``channels // 2``), ``blocks`` blocks."""
+    """One reversible stack on ``channels`` channels (two streams of ``channels // 2``), ``blocks`` blocks.
+
+    The unit keeps its input (``keep_input``): the paper stores activations at unit boundaries, and
+    the zero-padded channels of that input must reach the first branch's BatchNorm exactly.
+    """
     half = channels // 2
     if scheme == "hamiltonian":
-        return HamiltonianNet(
+        unit = HamiltonianNet(
             [SymmetricBranch(half) for _ in range(blocks)], [SymmetricBranch(half) for _ in range(blocks)],
             h=h, mode=mode, exact=exact,
         )
-    if scheme == "midpoint":
-        return MidpointNet([AntisymmetricBranch(half) for _ in range(2 * blocks)], h=h, mode=mode, exact=exact)
-    return LeapfrogNet([SymmetricBranch(half) for _ in range(2 * blocks)], h=h, mode=mode, exact=exact)
+    elif scheme == "midpoint":
+        unit = MidpointNet([AntisymmetricBranch(half) for _ in range(2 * blocks)], h=h, mode=mode, exact=exact)
+    else:
+        unit = LeapfrogNet([SymmetricBranch(half) for _ in range(2 * blocks)], h=h, mode=mode, exact=exact)
+    unit.keep_input = True
+    return unit
 
 
 def _kernel_sequences(unit: ReversibleNet) -> list[list[Tensor]]:

@@ -77,7 +77,14 @@ class ReversibleNet(nn.Module):
             bit-exact at any depth (needs ``mode="reversible"``).
         frac_bits: fractional bits of the fixed-point state when ``exact=True``; values must stay
             within ``±2^(46 − frac_bits)`` (an :class:`OverflowError` says so otherwise).
+
+    Attribute ``keep_input`` (default ``False``): in floating-point reversible mode, also keep the
+    input state and evaluate the first layer on it instead of on its reconstruction — one state
+    more in memory, in exchange for no inversion rounding in the first layer (useful when the input
+    has exactly constant channels, e.g. zero padding, that a normalisation layer would amplify).
     """
+
+    keep_input: bool = False
 
     def __init__(self, *, mode: str = "reversible", exact: bool = False, frac_bits: int = FRAC_BITS_DEFAULT):
         super().__init__()
@@ -135,7 +142,9 @@ class ReversibleNet(nn.Module):
     def forward_state(self, state: State, *args, **kwargs) -> State:
         """Run the layers on an explicit state (tuple of tensors) under the current mode."""
         frac_bits = self.frac_bits if self.exact else None
-        return engine.run(self.stack(), state, args, kwargs, mode=self.mode, frac_bits=frac_bits)
+        return engine.run(
+            self.stack(), state, args, kwargs, mode=self.mode, frac_bits=frac_bits, keep_input=self.keep_input
+        )
 
     def inverse_state(self, state: State, *args, **kwargs) -> State:
         """Reconstruct the input state of the layers from their output state (no graph).
