@@ -45,3 +45,15 @@ def make_input():
 def net(architecture, make_net):
     """A small float64 reversible-mode network (depth 3, width 4) of each architecture."""
     return make_net(architecture, depth=3, width=4, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to contention with other processes.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -70,19 +70,32 @@ def make_net(
         torch.manual_seed(seed)
         fs = [function(fw) for _ in range(depth)]
         gs = [function(fw) for _ in range(depth)] if arch in COUPLINGS else None
-        if arch == "MomentumNet":
-            net = revnets.MomentumNet(fs, gamma=gamma, mode=mode, **options)
-        elif arch == "RevNet":
-            net = revnets.RevNet(fs, gs, mode=mode, **options)
-        elif arch == "HamiltonianNet":
-            net = revnets.HamiltonianNet(fs, gs, h=h, mode=mode, **options)
-        elif arch == "MidpointNet":
-            net = revnets.MidpointNet(fs, h=h, mode=mode, **options)
-        elif arch == "LeapfrogNet":
-            net = revnets.LeapfrogNet(fs, h=h, mode=mode, **options)
-        else:
-            raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+        net = assemble(arch, fs, gs, mode=mode, **scheme_options(arch, gamma, h), **options)
     return net.to(dtype)
+
+
+def scheme_options(arch: str, gamma: float, h: float) -> dict:
+    """The scheme's own coefficient: ``gamma`` for MomentumNet, ``h`` for the ODE schemes, none for RevNet."""
+    if arch == "MomentumNet":
+        return {"gamma": gamma}
+    return {} if arch == "RevNet" else {"h": h}
+
+
+def assemble(arch: str, fs: list, gs: list | None = None, **options) -> revnets.ReversibleNet:
+    """``arch`` from explicit function lists (``gs`` for the couplings, defaulting to ``fs``); ``options``
+    go to the constructor unchanged."""
+    gs = fs if gs is None else gs
+    if arch == "MomentumNet":
+        return revnets.MomentumNet(fs, **options)
+    if arch == "RevNet":
+        return revnets.RevNet(fs, gs, **options)
+    if arch == "HamiltonianNet":
+        return revnets.HamiltonianNet(fs, gs, **options)
+    if arch == "MidpointNet":
+        return revnets.MidpointNet(fs, **options)
+    if arch == "LeapfrogNet":
+        return revnets.LeapfrogNet(fs, **options)
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
 def make_input(

@@ -22,13 +22,7 @@ LAYERS = 3
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds synchronisation
 
 
 def gpt2(dropout: float = 0.0, attn: str = "sdpa", lm_head: bool = True, **options) -> nn.Module:

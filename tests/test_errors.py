@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from helpers import assemble
 from torch import nn
 
 import revnets
@@ -22,13 +23,7 @@ STEP_SIZE_ARCHS = ("HamiltonianNet", "MidpointNet", "LeapfrogNet")
 MODES_RE = r"mode must be one of 'reversible', 'autograd', 'checkpoint'"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to contention with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(width: int) -> nn.Module:
@@ -37,18 +32,7 @@ def small(width: int) -> nn.Module:
 
 def build(arch: str, functions_f, functions_g=None, **options) -> revnets.ReversibleNet:
     """``arch`` from explicit function lists (``functions_g`` for the couplings, defaulting to ``functions_f``)."""
-    functions_g = functions_f if functions_g is None else functions_g
-    if arch == "MomentumNet":
-        return revnets.MomentumNet(functions_f, **options)
-    if arch == "RevNet":
-        return revnets.RevNet(functions_f, functions_g, **options)
-    if arch == "HamiltonianNet":
-        return revnets.HamiltonianNet(functions_f, functions_g, **options)
-    if arch == "MidpointNet":
-        return revnets.MidpointNet(functions_f, **options)
-    if arch == "LeapfrogNet":
-        return revnets.LeapfrogNet(functions_f, **options)
-    raise AssertionError(arch)
+    return assemble(arch, functions_f, functions_g, **options)
 
 
 def make(arch: str, depth: int = 3, width: int = 4, **options) -> revnets.ReversibleNet:

@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from helpers import assemble, mlp, scheme_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,17 +31,7 @@ GAMMAS = (0.9, 0.5, 0.1, Fraction(1, 3), 0.999)
 STEP_SIZES = (1.0, 0.5, 0.1, 1 / 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to contention with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(
@@ -60,19 +51,7 @@ def build(
         torch.manual_seed(seed)
         fs = [mlp(fw) for _ in range(depth)]
         gs = [mlp(fw) for _ in range(depth)]
-    if arch == "MomentumNet":
-        net = revnets.MomentumNet(fs, gamma=gamma, **options)
-    elif arch == "RevNet":
-        net = revnets.RevNet(fs, gs, **options)
-    elif arch == "HamiltonianNet":
-        net = revnets.HamiltonianNet(fs, gs, h=h, **options)
-    elif arch == "MidpointNet":
-        net = revnets.MidpointNet(fs, h=h, **options)
-    elif arch == "LeapfrogNet":
-        net = revnets.LeapfrogNet(fs, h=h, **options)
-    else:
-        raise AssertionError(arch)
-    return net.to(dtype)
+    return assemble(arch, fs, gs, **scheme_options(arch, gamma, h), **options).to(dtype)
 
 
 def inputs(seed: int, shape=(3, 6), *, sign: str = "mixed", scale: float = 1.0, dtype=torch.float64) -> torch.Tensor:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import assemble, mlp, scheme_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -36,17 +37,7 @@ WIDTH = 8
 BATCH = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to contention with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bn_block(width: int) -> nn.Module:
@@ -80,19 +71,7 @@ def build(
         else:
             fs = [make(fw) for _ in range(depth)]
             gs = [make(fw) for _ in range(depth)]
-    if arch == "MomentumNet":
-        net = revnets.MomentumNet(fs, gamma=gamma, mode=mode, **options)
-    elif arch == "RevNet":
-        net = revnets.RevNet(fs, gs, mode=mode, **options)
-    elif arch == "HamiltonianNet":
-        net = revnets.HamiltonianNet(fs, gs, h=h, mode=mode, **options)
-    elif arch == "MidpointNet":
-        net = revnets.MidpointNet(fs, h=h, mode=mode, **options)
-    elif arch == "LeapfrogNet":
-        net = revnets.LeapfrogNet(fs, h=h, mode=mode, **options)
-    else:
-        raise AssertionError(arch)
-    return net.to(dtype)
+    return assemble(arch, fs, gs, mode=mode, **scheme_options(arch, gamma, h), **options).to(dtype)
 
 
 def data(dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
