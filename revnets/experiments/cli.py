@@ -35,7 +35,7 @@ def demo(
         results.append(result)
     typer.echo(f"\n{'network':<18}{'gamma':>7}{'train acc':>11}{'test acc':>10}")
     for r in results:
-        typer.echo(f"{r.name:<18}{r.gamma:>7.2f}{100 * r.train_accuracy:>10.1f}%{100 * r.test_accuracy:>9.1f}%")
+        typer.echo(f"{r.name:<18}{r.gamma:>7.2f}{100 * r.train_accuracy:>10.1f}%{100 * r.eval_accuracy:>9.1f}%")
 
 
 @app.command()
@@ -51,13 +51,17 @@ def train(
     gamma: float = typer.Option(None, help="Momentum γ of momentum_* models (their default otherwise)."),
     h: float = typer.Option(None, help="Step size of hamiltonian/midpoint/leapfrog models."),
     limit: int = typer.Option(None, help="Train on the first LIMIT images only."),
+    eval_split: str = typer.Option("test", help="Split evaluated after every epoch (e.g. val for an image folder)."),
+    image_size: int = typer.Option(None, help="Side images of an image folder are resized to."),
     seed: int = typer.Option(0, help="Random seed (weights, shuffling)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run directory: metrics.json, curves.png, model.safetensors."),
 ) -> None:
     """Train a zoo model on an image dataset, with a progress bar; writes metrics, curves and weights."""
     options = {key: value for key, value in (("gamma", gamma), ("h", h)) if value is not None}
+    dataset_options = {} if image_size is None else {"image_size": image_size}
     config = TrainConfig(model, dataset, root, epochs, batch_size, lr, weight_decay=weight_decay, mode=mode,
-                         seed=seed, limit=limit, model_options=options)
+                         seed=seed, limit=limit, eval_split=eval_split, model_options=options,
+                         dataset_options=dataset_options)
     bars: dict[int, tqdm] = {}
 
     def progress(epoch: int, step: int, steps: int, loss: float) -> None:
@@ -75,10 +79,10 @@ def train(
     finally:
         for bar in bars.values():
             bar.close()
-    typer.echo(f"\n{'epoch':>5}{'train loss':>12}{'train acc':>11}{'test acc':>10}{'seconds':>9}")
+    typer.echo(f"\n{'epoch':>5}{'train loss':>12}{'train acc':>11}{eval_split + ' acc':>10}{'seconds':>9}")
     for row in history:
         typer.echo(f"{row.epoch:>5}{row.train_loss:>12.4f}{100 * row.train_accuracy:>10.1f}%"
-                   f"{100 * row.test_accuracy:>9.1f}%{row.seconds:>9.1f}")
+                   f"{100 * row.eval_accuracy:>9.1f}%{row.seconds:>9.1f}")
     typer.echo(f"run written to {out}/ (metrics.json, curves.png, model.safetensors)")
 
 

@@ -29,8 +29,10 @@ from ..models import create_model
 class TrainConfig:
     """What to train, on what, and how.
 
-    ``model_options`` go to the model's builder (``gamma``, ``init_velocity``, ``h``, ``exact``...);
-    ``limit`` keeps the first ``limit`` training images (``None``: all).
+    ``model_options`` go to the model's builder (``gamma``, ``init_velocity``, ``h``, ``exact``...),
+    ``dataset_options`` to :func:`revnets.data.load_dataset` (``image_size`` of an image folder...);
+    the model is evaluated on ``eval_split`` after every epoch; ``limit`` keeps the first ``limit``
+    training images (``None``: all).
     """
 
     model: str
@@ -44,7 +46,9 @@ class TrainConfig:
     mode: str = "reversible"
     seed: int = 0
     limit: int | None = None
+    eval_split: str = "test"
     model_options: dict = field(default_factory=dict)
+    dataset_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -52,21 +56,24 @@ class EpochMetrics:
     epoch: int
     train_loss: float
     train_accuracy: float
-    test_loss: float
-    test_accuracy: float
+    eval_loss: float
+    eval_accuracy: float
     seconds: float
 
 
 def _loaders(config: TrainConfig) -> tuple[DataLoader, DataLoader, int, int]:
     info = dataset_info(config.dataset)
-    if info.task != "classification" or info.input_shape is None and config.dataset != "imagefolder":
-        raise ValueError(f"dataset {config.dataset!r} is a {info.task} task on inputs {info.input_shape}: "
-                         "the zoo's models classify images (C, H, W)")
+    if info.task != "classification":
+        raise ValueError(f"dataset {config.dataset!r} is a {info.task} task: the zoo's models classify images")
     if info.input_shape is not None and len(info.input_shape) != 3:
         raise ValueError(f"dataset {config.dataset!r} has inputs of shape {info.input_shape}, not images (C, H, W): "
                          "the zoo's models classify images")
-    train_set: Dataset = load_dataset(config.dataset, config.root, split="train")
-    test_set: Dataset = load_dataset(config.dataset, config.root, split="test")
+    train_set: Dataset = load_dataset(config.dataset, config.root, split="train", **config.dataset_options)
+    test_set: Dataset = load_dataset(config.dataset, config.root, split=config.eval_split, **config.dataset_options)
+    channels = train_set[0][0].shape[0]
+    classes = info.num_classes or len(getattr(train_set, "classes", ()))
+    if not classes:
+        raise ValueError(f"cannot tell the number of classes of {config.dataset!r}")
     if config.limit is not None:
         if config.limit < 1:
             raise ValueError(f"limit must be >= 1 (images kept for training) or None; got {config.limit}")
@@ -74,10 +81,6 @@ def _loaders(config: TrainConfig) -> tuple[DataLoader, DataLoader, int, int]:
     generator = torch.Generator().manual_seed(config.seed)
     train = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
     test = DataLoader(test_set, batch_size=config.batch_size)
-    channels = train_set[0][0].shape[0]
-    classes = info.num_classes or len(getattr(train_set, "classes", ())) or None
-    if classes is None:
-        raise ValueError(f"cannot tell the number of classes of {config.dataset!r}")
     return train, test, channels, classes
 
 
@@ -136,8 +139,8 @@ def train(
             count += len(labels)
             if progress is not None:
                 progress(epoch, step, len(train_loader), total_loss / count)
-        test_loss, test_accuracy = evaluate(model, test_loader)
-        history.append(EpochMetrics(epoch, total_loss / count, correct / count, test_loss, test_accuracy,
+        eval_loss, eval_accuracy = evaluate(model, test_loader)
+        history.append(EpochMetrics(epoch, total_loss / count, correct / count, eval_loss, eval_accuracy,
                                     time.perf_counter() - started))
     if out is not None:
         write_run(out, config, model, history)
@@ -164,10 +167,10 @@ def write_run(out: Path, config: TrainConfig, model: nn.Module, history: list[Ep
     epochs = [row.epoch for row in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(epochs, [row.train_loss for row in history], "o-", label="train")
-    left.plot(epochs, [row.test_loss for row in history], "o-", label="test")
+    left.plot(epochs, [row.eval_loss for row in history], "o-", label=config.eval_split)
     left.set(xlabel="epoch", ylabel="cross-entropy", title=f"{config.model} on {config.dataset}")
     right.plot(epochs, [100 * row.train_accuracy for row in history], "o-", label="train")
-    right.plot(epochs, [100 * row.test_accuracy for row in history], "o-", label="test")
+    right.plot(epochs, [100 * row.eval_accuracy for row in history], "o-", label=config.eval_split)
     right.set(xlabel="epoch", ylabel="accuracy (%)", title=f"mode={config.mode}")
     for axes in (left, right):
         axes.legend()
