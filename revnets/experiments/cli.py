@@ -35,7 +35,7 @@ def demo(
         results.append(result)
     typer.echo(f"\n{'network':<18}{'gamma':>7}{'train acc':>11}{'test acc':>10}")
     for r in results:
-        typer.echo(f"{r.name:<18}{r.gamma:>7.2f}{100 * r.train_accuracy:>10.1f}%{100 * r.eval_accuracy:>9.1f}%")
+        typer.echo(f"{r.name:<18}{r.gamma:>7.2f}{100 * r.train_accuracy:>10.1f}%{100 * r.test_accuracy:>9.1f}%")
 
 
 @app.command()
