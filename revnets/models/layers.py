@@ -27,7 +27,20 @@ def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequentia
     return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """``relu(residual(x) + shortcut(x))``; the shortcut is the identity or the ``downsample`` projection."""
+
+    downsample: nn.Module | None
+
+    def residual(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.residual(x) + shortcut)
+
+
+class BasicBlock(ResidualBlock):
     """``relu(x' + bn2(conv2(relu(bn1(conv1(x))))))``, ``x'`` = x or its projection: ``(B, C_in, H, W) → (B, C, H/s, W/s)``."""
 
     expansion = 1
@@ -45,12 +58,8 @@ class BasicBlock(nn.Module):
     def residual(self, x: Tensor) -> Tensor:
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.residual(x) + shortcut)
 
-
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1×1 (C_in → C) → 3×3 (stride s) → 1×1 (C → 4C), added to ``x`` or its projection, then ReLU."""
 
     expansion = 4
@@ -72,10 +81,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.residual(x) + shortcut)
 
 
 class Stage(nn.Sequential):
