@@ -55,7 +55,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import revnets  # noqa: E402
-from memory import StorageTracker, allocator_held, mib, saved_tensors, storage_bytes  # noqa: E402
+from revnets.memory import StorageTracker, allocator_held, mib, saved_tensors, storage_bytes  # noqa: E402
 
 BASELINE = "autograd"
 SAME_SCHEME = ("reversible", "checkpoint", "exact", "momentumnet")

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from memory import StorageTracker, mib  # noqa: E402
+from revnets.memory import StorageTracker, mib  # noqa: E402
 
 from revnets.models import create_model  # noqa: E402
 

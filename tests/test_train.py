@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from revnets.experiments.cli import app
+from revnets.cli.app import app
 from revnets.experiments.train import TrainConfig, train
 from revnets.models import create_model
 

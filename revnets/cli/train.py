@@ -1,4 +1,4 @@
-"""``revnets`` command line."""
+"""``revnets train``: a zoo model on a dataset."""
 
 from __future__ import annotations
 
@@ -7,38 +7,10 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
-from .rings import train_rings
-from .train import TrainConfig
-from .train import train as train_model
-
-app = typer.Typer(help="Reversible residual networks: train and compare.", no_args_is_help=True)
+from ..experiments.train import TrainConfig
+from ..experiments.train import train as train_model
 
 
-@app.callback()
-def _root() -> None:
-    """revnets command line."""
-
-
-@app.command()
-def demo(
-    steps: int = typer.Option(1000, help="Adam steps per network."),
-    gamma: float = typer.Option(0.99, help="Momentum term of the Momentum ResNet."),
-    seed: int = typer.Option(0, help="Random seed (data and weights)."),
-) -> None:
-    """Nested rings (Sander et al. 2021, Fig. 1): a ResNet against a Momentum ResNet, both 15 steps deep
-    with shared weights, trained on generated data; prints train/test accuracy."""
-    results = []
-    for g in (0.0, gamma):
-        label = "Momentum ResNet" if g > 0 else "ResNet"
-        with tqdm(total=steps, desc=f"{label} (gamma={g})", unit="step") as bar:
-            _, result = train_rings(g, steps=steps, seed=seed, progress=lambda _: bar.update())
-        results.append(result)
-    typer.echo(f"\n{'network':<18}{'gamma':>7}{'train acc':>11}{'test acc':>10}")
-    for r in results:
-        typer.echo(f"{r.name:<18}{r.gamma:>7.2f}{100 * r.train_accuracy:>10.1f}%{100 * r.test_accuracy:>9.1f}%")
-
-
-@app.command()
 def train(
     model: str = typer.Option(..., help="A name of revnets.models.list_models(), e.g. momentum_resnet18."),
     dataset: str = typer.Option(..., help="A name of revnets.data.list_datasets() with images, e.g. digits."),
@@ -84,7 +56,3 @@ def train(
         typer.echo(f"{row.epoch:>5}{row.train_loss:>12.4f}{100 * row.train_accuracy:>10.1f}%"
                    f"{100 * row.eval_accuracy:>9.1f}%{row.seconds:>9.1f}")
     typer.echo(f"run written to {out}/ (metrics.json, curves.png, model.safetensors)")
-
-
-def main() -> None:
-    app()
