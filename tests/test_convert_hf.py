@@ -200,8 +200,15 @@ def test_gpt2_caches_are_refused_with_the_fix():
     with pytest.raises(ValueError, match=fix):
         converted(ids, use_cache=True)
     past = transformers.DynamicCache(config=converted.config)
+    for name in ("past_key_values", "cache"):  # transformers 5.x renamed the argument
+        with pytest.raises(ValueError, match="key/value cache"):
+            converted(ids, **{name: past}, use_cache=False)
+    stack = converted.transformer.h[0]
+    hidden = torch.randn(1, ids.shape[1], converted.config.n_embd)
     with pytest.raises(ValueError, match="key/value cache"):
-        converted(ids, past_key_values=past, use_cache=False)
+        stack(hidden, past)  # a layer's cache given by position, as the model's own loop does
+    with pytest.raises(ValueError, match="key/value cache"):
+        stack(hidden, layer_cache=past)  # under a name no release used yet: recognised by its class
     converted(ids, use_cache=False)
     converted.config.use_cache = False
     converted(ids)

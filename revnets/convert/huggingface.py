@@ -17,7 +17,8 @@ This follows the ``transformers`` 5 layer convention: a layer returns its output
 the model records attentions and hidden states by hooks on its layers. Whatever a momentum stack
 cannot do faithfully is refused with an error naming the stack, never done silently wrong:
 
-* key/value caches (``use_cache=True``, ``past_key_values``): a layer writes its keys and values
+* key/value caches (``use_cache=True``, a cache object passed under any name — ``cache``,
+  ``past_key_values`` — or position): a layer writes its keys and values
   into the cache each time it runs, and a reversible (or checkpointed) backward runs every layer
   again, on inputs rebuilt by inversion: the cache would be appended to twice;
 * ``output_attentions`` / ``output_hidden_states`` (also set by the config): the hidden state
@@ -41,7 +42,9 @@ from torch import Tensor, nn
 SUPPORTED_LAYERS = {"GPT2Block": "GPT-2", "BertLayer": "BERT", "ViTLayer": "ViT"}
 """Hugging Face layer classes converted, with their model families."""
 
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+"""Names a layer's cache argument has had across ``transformers`` releases (5.x renamed
+``past_key_values`` to ``cache``); a value of a cache class is refused under any name as well."""
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 _HEAD_MASKS = ("head_mask", "layer_head_mask", "cross_attn_layer_head_mask")
 
@@ -113,7 +116,8 @@ class HFMomentumStack(nn.Module):
         for parameter in signature.parameters.values():
             if parameter.kind is inspect.Parameter.VAR_KEYWORD:
                 arguments.update(arguments.pop(parameter.name, {}))
-        if any(arguments.get(key) is not None for key in _CACHE_ARGUMENTS) or arguments.get("use_cache"):
+        named = any(arguments.get(key) is not None for key in _CACHE_ARGUMENTS)
+        if named or arguments.get("use_cache") or any(_is_cache(value) for value in arguments.values()):
             raise self._refuse(
                 "with a key/value cache (use_cache=True or past_key_values)",
                 "the backward runs the layers again (on inputs rebuilt by inversion), which would write the cache "
@@ -133,6 +137,12 @@ class HFMomentumStack(nn.Module):
                 "the momentum stack already frees its activations; turn checkpointing off "
                 "(model.activation_checkpointing_disable(), formerly gradient_checkpointing_disable())",
             )
+
+
+def _is_cache(value: Any) -> bool:
+    """``value`` is a ``transformers`` key/value cache (an instance of a ``cache_utils.Cache``
+    subclass), whatever argument carries it."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers.") for c in type(value).__mro__)
 
 
 def _output_collector() -> Any:
