@@ -194,6 +194,55 @@ def test_batchnorm_shared_module_tracks_once_per_layer(mode):
     assert_grads_close(grads, ref_grads, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inverse_between_forward_and_backward_keeps_the_graph_valid(arch):
+    """``inverse`` after an autograd-mode training forward: the pending backward runs and is unchanged."""
+    net, ref = pair(arch, "autograd", make=bn_block)
+    x = data().requires_grad_()
+    state = net.forward_state(net.init_state(x))
+    stats = norm_buffers(net)
+    rebuilt = net.inverse_state(tuple(s.detach() for s in state))
+    torch.testing.assert_close(net.output(rebuilt), x.detach(), rtol=1e-9, atol=1e-9)
+    assert all(torch.equal(b, stats[name]) for name, b in net.named_buffers()), "inverse moved the statistics"
+    loss_of(net.output(state)).backward()
+    _, ref_grads = step(ref)
+    assert_grads_close({"x": x.grad, **{n: p.grad for n, p in net.named_parameters()}}, ref_grads, rtol=1e-12, atol=1e-14)
+
+
+class SharedNormOutside(nn.Module):
+    """One BatchNorm used on (part of) the input outside the stack and inside every layer of it."""
+
+    def __init__(self, arch: str, mode: str):
+        super().__init__()
+        self.width = WIDTH if arch == "MomentumNet" else WIDTH // 2
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.norm = nn.BatchNorm1d(self.width)
+            fs, gs = ([nn.Sequential(nn.Linear(self.width, self.width), self.norm, nn.Tanh()) for _ in range(3)]
+                      for _ in range(2))
+        self.net = assemble(arch, fs, gs, mode=mode, **scheme_options(arch, 0.9, 0.5))
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.norm(x[:, : self.width]), x[:, self.width :]], dim=1)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_batchnorm_used_inside_and_outside_the_stack(arch, mode):
+    model = SharedNormOutside(arch, mode)
+    ref = copy.deepcopy(model)
+    ref.net.set_mode("autograd")
+    _, grads = step(model)
+    _, ref_grads = step(ref)
+    calls = 1 + 3 * (2 if arch in COUPLINGS else 1)  # outside, then every function of the 3 layers
+    assert int(ref.norm.num_batches_tracked) == calls
+    for name, value in norm_buffers(ref).items():
+        torch.testing.assert_close(norm_buffers(model)[name], value, rtol=1e-12, atol=1e-14)
+    assert_grads_close(grads, ref_grads, rtol=1e-9, atol=1e-11)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dropout
 

@@ -96,31 +96,36 @@ def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
 class preserved_running_stats:  # noqa: N801 - used like a function-style context manager
     """Recompute normalisation layers without changing their running statistics.
 
-    On entry the running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) of
-    the layers in training mode are copied; on exit they are written back, so a recomputation
-    leaves them as the original forward left them: updated exactly once per training step. The
-    recomputation itself runs the layers unchanged (batch statistics in training mode, the same
-    saved tensors, which ``torch.utils.checkpoint`` verifies). Re-entrant: the same object may be
-    entered again after it was exited (checkpoint enters its recomputation context once per backward).
+    On entry, each running statistic (``running_mean``, ``running_var``, ``num_batches_tracked``) of
+    the layers in training mode is replaced in its module by a copy; on exit the original tensor is
+    put back. A recomputation (or an inversion) therefore updates only the copies, and the running
+    statistics are left as the original forward left them: updated exactly once per training step.
+    The originals are never written, so their autograd version counters do not change: a pending
+    backward of a graph that saved them (an ``autograd``-mode forward, or the same BatchNorm used
+    outside the stack) still runs. The recomputation itself runs the layers unchanged (batch
+    statistics in training mode, the same saved tensors, which ``torch.utils.checkpoint`` verifies).
+    Re-entrant: the same object may be entered again after it was exited (checkpoint enters its
+    recomputation context once per backward).
     """
 
     _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
     def __init__(self, modules: Iterable[_NormBase]):
         self.modules = tuple(modules)
-        self.saved: list[list[tuple[Tensor, Tensor]]] = []
+        self.swapped: list[list[tuple[_NormBase, str, Tensor]]] = []
 
     def __enter__(self) -> None:
-        saved = []
-        for module in self.modules:
-            if module.training:
-                for name in self._STATISTICS:
-                    buffer = getattr(module, name)
-                    if buffer is not None:
-                        saved.append((buffer, buffer.clone()))
-        self.saved.append(saved)
+        swapped = []
+        with torch.no_grad():
+            for module in self.modules:
+                if module.training:
+                    for name in self._STATISTICS:
+                        original = module._buffers.get(name)
+                        if original is not None:
+                            module._buffers[name] = original.clone()
+                            swapped.append((module, name, original))
+        self.swapped.append(swapped)
 
     def __exit__(self, *exc_info) -> None:
-        with torch.no_grad():
-            for buffer, value in self.saved.pop():
-                buffer.copy_(value)
+        for module, name, original in self.swapped.pop():
+            module._buffers[name] = original
