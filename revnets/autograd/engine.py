@@ -30,6 +30,7 @@ trajectory (quantisation treated as the identity).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -457,27 +458,54 @@ def run(
     arg_tensors = tuple(v for v in leaves if isinstance(v, Tensor))
     needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (*state, *arg_tensors, *params))
     if mode == "reversible" and (needs_graph or frac_bits is not None):
-        if not needs_graph:
-            return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
-        plan = _Run(
-            stack, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, stack.norm_modules(),
-            keep_input and frac_bits is None,
-        )
-        return _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
-    step = stack.step()
-    buffers = (None,) * len(state)
+        return _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, arg_spec, arg_tensors,
+                               frac_bits, keep_input, needs_graph)
     if mode == "checkpoint" and needs_graph:
-        norm_modules = stack.norm_modules()
+        if torch.compiler.is_compiling() and not any(m.training for m in stack.norm_modules()):
+            # Dynamo turns each checkpoint into a region that the compiled backward recomputes.
+            return _checkpoint_layers(stack, state, args, kwargs, protect_running_stats=False)
+        return _checkpoint_layers_eagerly(stack, state, args, kwargs, protect_running_stats=True)
+    step = stack.step()
+    return _forward_layers(step, stack.layers, 0, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
 
-        def contexts():
-            return contextlib.nullcontext(), preserved_running_stats(norm_modules)
 
-        for k, functions in enumerate(stack.layers):
-            state = checkpoint(
-                _checkpointed_layer, step, functions, k, args, kwargs, *state, use_reentrant=False, context_fn=contexts
-            )
-        return state
-    return _forward_layers(step, stack.layers, 0, state, buffers, args, kwargs, _FloatArithmetic())[0]
+@torch.compiler.disable
+def _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, arg_spec, arg_tensors, frac_bits,
+                    keep_input, needs_graph) -> State:
+    """The reversible (or exact) strategy, run eagerly: ``torch.compile`` breaks the graph here, once per
+    stack, since the RNG snapshots and the hand-written backward of :class:`_ReversibleFunction` are not
+    traceable; the functions inside run uncompiled (compile them individually to fuse them)."""
+    if not needs_graph:
+        return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
+    plan = _Run(
+        stack, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, stack.norm_modules(),
+        keep_input and frac_bits is None,
+    )
+    return _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
+
+
+def _checkpoint_layers(stack: Stack, state: State, args: tuple, kwargs: dict, *, protect_running_stats: bool) -> State:
+    """:func:`torch.utils.checkpoint.checkpoint` (non-reentrant) around every layer.
+
+    ``protect_running_stats``: the recomputation runs under :class:`preserved_running_stats` (checkpoint's
+    ``context_fn``), so that normalisation layers count each batch once. Dynamo cannot trace a
+    ``context_fn``; when compiling without normalisation layers in training mode none is needed.
+    """
+    step = stack.step()
+    options = {"context_fn": functools.partial(_recomputation_contexts, stack.norm_modules())} if protect_running_stats else {}
+    for k, functions in enumerate(stack.layers):
+        state = checkpoint(_checkpointed_layer, step, functions, k, args, kwargs, *state, use_reentrant=False, **options)
+    return state
+
+
+_checkpoint_layers_eagerly = torch.compiler.disable(_checkpoint_layers)
+""":func:`_checkpoint_layers` run eagerly (a graph break under ``torch.compile``): with normalisation
+layers in training mode, a traced checkpoint would recompute their running-statistic updates."""
+
+
+def _recomputation_contexts(norm_modules) -> tuple[contextlib.AbstractContextManager, preserved_running_stats]:
+    """Checkpoint's (forward, recomputation) contexts: the recomputation leaves running statistics alone."""
+    return contextlib.nullcontext(), preserved_running_stats(norm_modules)
 
 
 def _checkpointed_layer(step: Step, functions: Functions, k: int, args: tuple, kwargs: dict, *state: Tensor) -> State:

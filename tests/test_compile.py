@@ -1,0 +1,104 @@
+"""``torch.compile`` in every mode: the eager, aot_eager and inductor backends give the outputs,
+gradients and BatchNorm running statistics of the eager network.
+
+What compiles into one graph and where the graph breaks (stated in the README):
+
+* ``mode="autograd"``: one graph, ``fullgraph=True`` works;
+* ``mode="checkpoint"``: one graph (Dynamo traces every checkpoint as a region the compiled backward
+  recomputes), except with normalisation layers in training mode: their running statistics must
+  not be updated again by the recomputation, which takes checkpoint's ``context_fn`` (not traceable),
+  so the stack runs eagerly — one graph break per stack;
+* ``mode="reversible"`` (and exact): one graph break per stack; the engine's ``autograd.Function``
+  (RNG snapshots, hand-written backward) runs eagerly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import ARCHITECTURES, assemble, make_input, make_net, scheme_options
+from torch import nn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BACKENDS = ("eager", "aot_eager", "inductor")
+MODES = ("autograd", "checkpoint", "reversible")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def norm_dropout_net(arch: str, mode: str) -> nn.Module:
+    """3 layers of Linear-BatchNorm-Tanh-Dropout (training mode): the hardest case for recomputation."""
+    width = 8 if arch == "MomentumNet" else 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fs, gs = ([nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.Tanh(), nn.Dropout(0.3))
+                   for _ in range(3)] for _ in range(2))
+    return assemble(arch, fs, gs, mode=mode, **scheme_options(arch, 0.9, 0.5))
+
+
+def compiled_step(net: nn.Module, x: torch.Tensor, **options):
+    """Outputs and gradients (input, then parameters) of one seeded forward/backward of ``torch.compile(net)``."""
+    model = torch.compile(net, **options) if options else net
+    x = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    out = model(x)
+    out.pow(2).sum().backward()
+    return out.detach(), [x.grad, *(p.grad for p in net.parameters())]
+
+
+def assert_same_step(net: nn.Module, x: torch.Tensor, *, tol: float, **options) -> None:
+    reference = copy.deepcopy(net)
+    out, grads = compiled_step(net, x, **options)
+    ref_out, ref_grads = compiled_step(reference, x)
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for (name, got), want in zip(net.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", ["MomentumNet", "HamiltonianNet"])
+def test_compiled_matches_eager(arch, mode, backend):
+    net = make_net(arch, depth=3, width=4, mode=mode, dtype=torch.float32)
+    assert_same_step(net, make_input(3, 4, dtype=torch.float32), tol=1e-5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", ["MomentumNet", "RevNet"])
+def test_compiled_matches_eager_with_batchnorm_and_dropout(arch, mode, backend):
+    """Running statistics counted once, dropout masks replayed (inductor told to draw eager's random numbers)."""
+    net = norm_dropout_net(arch, mode)
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_same_step(net, torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), tol=1e-5,
+                         backend=backend)
+    assert [int(b) for name, b in net.named_buffers() if name.endswith("num_batches_tracked")] == [1] * len(
+        [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_autograd_mode_compiles_into_one_graph(arch):
+    net = make_net(arch, depth=3, width=4, mode="autograd", dtype=torch.float32)
+    assert_same_step(net, make_input(3, 4, dtype=torch.float32), tol=1e-5, backend="aot_eager", fullgraph=True)
+
+
+@pytest.mark.parametrize(
+    ("mode", "norm", "breaks"),
+    [("autograd", False, 0), ("autograd", True, 0), ("checkpoint", False, 0), ("checkpoint", True, 1),
+     ("reversible", False, 1), ("reversible", True, 1)],
+)
+def test_graph_breaks_are_those_documented(mode, norm, breaks):
+    net = norm_dropout_net("MomentumNet", mode) if norm else make_net("MomentumNet", 3, 8, mode=mode,
+                                                                         dtype=torch.float32)
+    explanation = torch._dynamo.explain(net)(torch.randn(6, 8, requires_grad=True))
+    assert len(explanation.break_reasons) == breaks, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
