@@ -277,6 +277,24 @@ def test_dropout_gradients_and_generator_state_match_autograd(arch, mode):
     assert torch.equal(after, torch.rand(5))
 
 
+@pytest.mark.parametrize("options", [{"mode": "reversible"}, {"mode": "reversible", "exact": True}])
+def test_dropout_bookkeeping_does_not_grow_with_depth(options):
+    """Memory held after a training forward with dropout, at depths 8 and 64: the RNG replay keeps no
+    per-layer generator snapshot (the CPU generator's is 5 KB), only one seed per call. The allocator
+    sees every byte (``allocator_held``), including tensors made outside ATen ops such as RNG states.
+    Exact mode's information buffer grows by its own floor (log2(1/γ) bits per element per layer)."""
+    from revnets.memory import allocator_held
+
+    held = {}
+    for depth in (8, 64):
+        net = build("MomentumNet", depth, make=dropout_block, gamma=0.5, dtype=torch.float32, **options)
+        x = data(torch.float32).requires_grad_()
+        out, held[depth], _ = allocator_held(lambda net=net, x=x: net(x))
+        out.sum().backward()  # the replay works
+    buffer_growth = 56 * BATCH * WIDTH / 8 if options.get("exact") else 0  # 1 bit per element per layer at γ = 1/2
+    assert held[64] - held[8] <= buffer_growth + 512, held
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dropout_is_active_so_the_replay_test_can_fail(arch):
     """Different seeds give different gradients: without a correct replay the test above would fail."""

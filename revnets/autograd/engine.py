@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..steps.base import State, Step, Update
 from .exact import InformationBuffer, check_range, dequantize, exact_ratio, quantize, scale_exact, unscale_exact
-from .replay import AutocastState, RngSnapshot, accelerator_devices, preserved_running_stats, running_stat_modules
+from .replay import AutocastState, LayerSeeds, accelerator_devices, preserved_running_stats, running_stat_modules
 
 MODES = ("reversible", "autograd", "checkpoint")
 
@@ -214,26 +214,19 @@ def _replace(values: tuple, index: int, value: Any) -> tuple:
     return values[:index] + (value,) + values[index + 1 :]
 
 
-def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithmetic, rng_log=None, devices=()):
-    """Run ``layers`` (numbered from ``first``) forward; record RNG states into ``rng_log`` if given.
-
-    ``rng_log[(k, j)]`` receives the generator state before update ``j`` of layer ``k`` whenever that
-    update drew random numbers, so that the backward can replay it.
-    """
-    snapshot = RngSnapshot.capture(devices) if rng_log is not None else None
+def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithmetic, seeds: LayerSeeds | None = None):
+    """Run ``layers`` (numbered from ``first``) forward; with ``seeds``, seed the generators before each
+    update (inside ``seeds.forked()``, which the caller enters)."""
     for k, functions in enumerate(layers, start=first):
         where = f"layer {k}"
         for j, update in enumerate(step.updates):
             t = update.target
             views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
+            if seeds is not None:
+                seeds.seed(k, j)
             increment = update.increment(views, functions, args, kwargs, where=where)
             new, buffer = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
             tensors, buffers = _replace(tensors, t, new), _replace(buffers, t, buffer)
-            if rng_log is not None:
-                after = RngSnapshot.capture(devices)
-                if not snapshot.same_as(after):
-                    rng_log[(k, j)] = snapshot
-                snapshot = after
         tensors, buffers = step.permute(tensors), step.permute(buffers)
     return tensors, buffers
 
@@ -254,7 +247,7 @@ def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic):
     return tensors, buffers
 
 
-def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, rng_log, kept_input=None):
+def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, seeds, kept_input=None):
     """The memory-free backward: invert layer by layer, one evaluation of each function.
 
     ``kept_input``: the input state, if kept; in the first layer, a component is then taken from it as
@@ -280,8 +273,8 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                 pending = {u.target for u in step.updates[: j + 1]}
                 tensors = tuple(c if i in pending else kept_input[i] for i, c in enumerate(tensors))
             others = [i for i in range(len(tensors)) if i != t]
-            replay = rng_log[(k, j)].restored() if (k, j) in rng_log else contextlib.nullcontext()
-            with torch.enable_grad(), replay:
+            seeds.seed(k, j)
+            with torch.enable_grad():
                 leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors))
                 increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
                 gained = update.gain * increment if _is_learnable(update.gain) else None
@@ -363,7 +356,7 @@ class _ReversibleFunction(torch.autograd.Function):
         args, kwargs = run.arguments(arg_tensors)
         devices = accelerator_devices(state)
         ctx.autocast = AutocastState.capture(devices)
-        ctx.rng_log = {}
+        ctx.seeds = LayerSeeds.draw(devices)
         ctx.run = run
         step = run.stack.step()
         if run.frac_bits is None:
@@ -373,9 +366,8 @@ class _ReversibleFunction(torch.autograd.Function):
             exact = ExactState.from_float(state, run.frac_bits)
             arithmetic = _FixedPointArithmetic.for_step(step, run.frac_bits, exact.dtype)
             tensors, buffers = exact.tensors, exact.buffers
-        tensors, buffers = _forward_layers(
-            step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic, ctx.rng_log, devices
-        )
+        with ctx.seeds.forked():
+            tensors, buffers = _forward_layers(step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic, ctx.seeds)
         ctx.arithmetic, ctx.buffers = arithmetic, buffers
         ctx.save_for_backward(*tensors, *arg_tensors, *(state if run.keep_input else ()))
         return tuple(arithmetic.view(c) for c in tensors)
@@ -403,9 +395,9 @@ class _ReversibleFunction(torch.autograd.Function):
             for i, a in enumerate(arg_tensors)
         )
         args, kwargs = run.arguments(arg_leaves)
-        with ctx.autocast.restored(), preserved_running_stats(run.norm_modules):
+        with ctx.autocast.restored(), ctx.seeds.forked(), preserved_running_stats(run.norm_modules):
             state_grads, arg_grads, param_grads = _backward_layers(
-                run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.rng_log, kept_input
+                run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.seeds, kept_input
             )
         offset = 1 + run.n_state
         state_grads = [g if ctx.needs_input_grad[1 + i] else None for i, g in enumerate(state_grads)]
@@ -466,7 +458,12 @@ def run(
             return _checkpoint_layers(stack, state, args, kwargs, protect_running_stats=False)
         return _checkpoint_layers_eagerly(stack, state, args, kwargs, protect_running_stats=True)
     step = stack.step()
-    return _forward_layers(step, stack.layers, 0, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
+    if not needs_graph or torch.compiler.is_compiling():  # compiled: random numbers are the compiler's
+        return _forward_layers(step, stack.layers, 0, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
+    seeds = LayerSeeds.draw(accelerator_devices(state))
+    with seeds.forked():
+        return _forward_layers(step, stack.layers, 0, state, (None,) * len(state), args, kwargs, _FloatArithmetic(),
+                               seeds)[0]
 
 
 @torch.compiler.disable
@@ -487,14 +484,22 @@ def _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, ar
 def _checkpoint_layers(stack: Stack, state: State, args: tuple, kwargs: dict, *, protect_running_stats: bool) -> State:
     """:func:`torch.utils.checkpoint.checkpoint` (non-reentrant) around every layer.
 
-    ``protect_running_stats``: the recomputation runs under :class:`preserved_running_stats` (checkpoint's
-    ``context_fn``), so that normalisation layers count each batch once. Dynamo cannot trace a
-    ``context_fn``; when compiling without normalisation layers in training mode none is needed.
+    ``protect_running_stats`` (eager): the recomputation runs under :class:`preserved_running_stats`
+    (checkpoint's ``context_fn``), so that normalisation layers count each batch once, and random
+    numbers follow :class:`LayerSeeds` (checkpoint keeps no generator snapshot per layer). Dynamo
+    cannot trace either; when compiling without normalisation layers in training mode neither is
+    needed (the compiled graph replays its own random numbers).
     """
     step = stack.step()
-    options = {"context_fn": functools.partial(_recomputation_contexts, stack.norm_modules())} if protect_running_stats else {}
+    if not protect_running_stats:
+        for k, functions in enumerate(stack.layers):
+            state = checkpoint(_checkpointed_layer, step, functions, k, None, args, kwargs, *state, use_reentrant=False)
+        return state
+    seeds = LayerSeeds.draw(accelerator_devices(state))
+    contexts = functools.partial(_recomputation_contexts, stack.norm_modules())
     for k, functions in enumerate(stack.layers):
-        state = checkpoint(_checkpointed_layer, step, functions, k, args, kwargs, *state, use_reentrant=False, **options)
+        state = checkpoint(_checkpointed_layer, step, functions, k, seeds, args, kwargs, *state, use_reentrant=False,
+                           preserve_rng_state=False, context_fn=contexts)
     return state
 
 
@@ -508,8 +513,11 @@ def _recomputation_contexts(norm_modules) -> tuple[contextlib.AbstractContextMan
     return contextlib.nullcontext(), preserved_running_stats(norm_modules)
 
 
-def _checkpointed_layer(step: Step, functions: Functions, k: int, args: tuple, kwargs: dict, *state: Tensor) -> State:
-    return _forward_layers(step, (functions,), k, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
+def _checkpointed_layer(step: Step, functions: Functions, k: int, seeds: LayerSeeds | None, args: tuple, kwargs: dict,
+                        *state: Tensor) -> State:
+    with seeds.forked() if seeds is not None else contextlib.nullcontext():
+        return _forward_layers(step, (functions,), k, state, (None,) * len(state), args, kwargs, _FloatArithmetic(),
+                               seeds)[0]
 
 
 def invert(stack: Stack, state: State, args: tuple = (), kwargs: dict | None = None) -> State:

@@ -2,9 +2,9 @@
 
 A recomputation must see what the original forward saw:
 
-* the random number generators (dropout masks): :class:`RngSnapshot` captures the CPU generator and
-  the generators of the accelerator devices holding the state, and restores them inside
-  :func:`torch.random.fork_rng` so that the caller's generator is untouched;
+* the random number generators (dropout masks): :class:`LayerSeeds` seeds the CPU generator and
+  those of the accelerator devices holding the state before every update, from one number drawn
+  from the caller's generator, inside :func:`torch.random.fork_rng`;
 * the autocast settings: :class:`AutocastState`;
 * normalisation layers must not update their running statistics a second time:
   :class:`preserved_running_stats`.
@@ -26,37 +26,56 @@ def accelerator_devices(tensors: Iterable[Tensor]) -> tuple[torch.device, ...]:
     return tuple(sorted({t.device for t in tensors if t.device.type != "cpu"}, key=str))
 
 
-@dataclass(frozen=True)
-class RngSnapshot:
-    """The state of the CPU generator and of the generators of ``devices``."""
+_MASK64 = (1 << 64) - 1
 
-    cpu: Tensor
+
+def _mix(value: int) -> int:
+    """The splitmix64 finaliser: spreads nearby integers (layer numbers) over unrelated seeds."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+@dataclass(frozen=True)
+class LayerSeeds:
+    """Random numbers of a stack drawn from one seed per update, so that a recomputation replays them.
+
+    A stack call that records a graph draws one integer ``base`` from the caller's CPU generator
+    (:meth:`draw`). Inside :meth:`forked` (the caller's generators are restored on exit, so the
+    caller sees exactly that one draw), update ``j`` of layer ``k`` runs after :meth:`seed` has seeded
+    the CPU generator and those of ``devices`` with ``mix(base, k, j)``. Replaying the update in the
+    backward only takes seeding again: the bookkeeping is one integer per stack call, whatever the
+    depth, instead of a generator snapshot (5 KB for the CPU generator) per layer. Every mode of the
+    engine (autograd, checkpoint, reversible, exact) follows this protocol, so they draw the same
+    dropout masks and leave the caller's generator in the same state.
+    """
+
+    base: int
     devices: tuple[torch.device, ...]
-    device_states: tuple[Tensor, ...]
 
     @classmethod
-    def capture(cls, devices: tuple[torch.device, ...]) -> RngSnapshot:
-        return cls(
-            torch.get_rng_state(),
-            devices,
-            tuple(_device_module(d).get_rng_state(d) for d in devices),
-        )
-
-    def same_as(self, other: RngSnapshot) -> bool:
-        """Whether no random number was drawn between ``self`` and ``other``."""
-        return torch.equal(self.cpu, other.cpu) and all(
-            torch.equal(a, b) for a, b in zip(self.device_states, other.device_states, strict=True)
-        )
+    def draw(cls, devices: tuple[torch.device, ...]) -> LayerSeeds:
+        return cls(int(torch.randint(0, 2**62, (), dtype=torch.int64)), devices)
 
     @contextlib.contextmanager
-    def restored(self) -> Iterator[None]:
-        """Run the body with these generator states; the caller's states are restored afterwards."""
+    def forked(self) -> Iterator[None]:
+        """Run the body on forked generators; the caller's generator states are restored afterwards."""
         device_type = self.devices[0].type if self.devices else "cuda"
         with torch.random.fork_rng(devices=list(self.devices), device_type=device_type):
-            torch.set_rng_state(self.cpu)
-            for device, state in zip(self.devices, self.device_states, strict=True):
-                _device_module(device).set_rng_state(state, device)
             yield
+
+    def seed(self, layer: int, update: int) -> None:
+        """Seed the generators for update ``update`` of layer ``layer`` (inside :meth:`forked`)."""
+        seed = _mix(self.base ^ _mix((layer << 8) | update))
+        torch.default_generator.manual_seed(seed)
+        for device in self.devices:
+            module = _device_module(device)
+            generators = getattr(module, "default_generators", None)
+            if generators is None:
+                module.manual_seed(seed)
+            else:
+                generators[module.current_device() if device.index is None else device.index].manual_seed(seed)
 
 
 def _device_module(device: torch.device):
