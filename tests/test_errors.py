@@ -263,7 +263,7 @@ def test_non_finite_function_output_while_inverting_names_the_layer(arch):
     with torch.no_grad():
         state = net.forward_state(net.init_state(x))
     net.eval()
-    with pytest.raises(FloatingPointError, match=rf"non-finite value met while inverting layer {depth - 1}\b"):
+    with pytest.raises(FloatingPointError, match=rf"layer {depth - 1}: a function returned a non-finite value .* while inverting"):
         net.inverse_state(state)
 
 
@@ -272,7 +272,7 @@ def test_reconstruction_overflow_names_the_layer():
     # of order 1 the velocity reaches 1e20 at layer 4 and overflows float32 at layer 3.
     net = revnets.MomentumNet([nn.Tanh() for _ in range(5)], gamma=1e-20)
     x, v = torch.randn(2, 3), torch.randn(2, 3).abs() + 0.5
-    with pytest.raises(FloatingPointError, match=r"non-finite value met while inverting layer 3\b"):
+    with pytest.raises(FloatingPointError, match=r"non-finite value met while inverting layer 3\b.*amplified.*small γ"):
         net.inverse(x, v)
 
 
@@ -295,7 +295,34 @@ def test_non_finite_value_in_reversible_backward_names_the_layer():
     shared = CountingFunction(finite_calls=3)  # three forward calls, then the backward recomputes
     net = revnets.MomentumNet([shared] * 3, gamma=0.9)
     out = net(torch.randn(2, 4, requires_grad=True))
-    with pytest.raises(FloatingPointError, match=r"non-finite value met while inverting layer 2\b"):
+    with pytest.raises(FloatingPointError, match=r"layer 2: a function returned a non-finite .* re-evaluated in the "
+                       r"backward.* although the forward's values were finite"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nan_input_is_reported_as_the_forward_s_not_the_inversion_s(arch):
+    net = make(arch)
+    x = torch.randn(2, 4)
+    x[1, 1] = math.nan
+    out = net(x.requires_grad_())
+    with pytest.raises(FloatingPointError, match=r"the forward already produced it \(the stack's input already holds "
+                       r"NaN/inf\); this is not an inversion error"):
+        out.sum().backward()
+    with pytest.raises(FloatingPointError, match="the state to invert holds NaN/inf"):
+        net.inverse_state(net.init_state(x.detach()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_diverged_weights_name_the_first_layer_that_produced_nan(arch):
+    """As after a diverging learning rate: layer 1's weights are inf, so its function returns NaN/inf."""
+    net = make(arch, depth=3)
+    with torch.no_grad():
+        for p in (net.functions if arch in ("MomentumNet", "MidpointNet", "LeapfrogNet") else net.f_functions)[1].parameters():
+            p.fill_(math.inf)
+    out = net(torch.randn(2, 4, requires_grad=True))
+    with pytest.raises(FloatingPointError, match=r"forward already produced it \(the state first became non-finite at "
+                       r"layer 1 .*learning rate"):
         out.sum().backward()
 
 
@@ -360,3 +387,17 @@ def test_exact_nan_from_a_function_names_the_layer(arch):
 def test_exact_gamma_too_small_for_the_denominator_limit(gamma):
     with pytest.raises(ValueError, match=r"gamma.*(not invertible|1/65536)"):
         revnets.MomentumNet([small(4)], gamma=gamma, exact=True)
+
+
+@pytest.mark.parametrize("mode", ["reversible", "autograd", "checkpoint"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_layers_is_the_documented_identity(arch, mode):
+    """Depth 0 is the identity (as an empty nn.Sequential), not an error: converted stages of one block
+    keep an empty stack."""
+    net = build(arch, [], [], mode=mode)
+    assert net.depth == 0
+    x = torch.randn(2, 4, requires_grad=True)
+    y = net(x)
+    torch.testing.assert_close(y, x, rtol=0, atol=0)
+    (y * torch.arange(8.0).view(2, 4)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.arange(8.0).view(2, 4), rtol=0, atol=0)

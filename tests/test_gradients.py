@@ -93,36 +93,24 @@ def test_finite_differences_parameters(arch, mode):
         torch.testing.assert_close(a, n, atol=1e-8, rtol=1e-6)
 
 
-def test_functional_call_is_refused_by_the_reversible_backward():
-    """The memory-free backward re-evaluates the modules after ``functional_call`` has put their own
-    parameters back: it must refuse loudly rather than differentiate the wrong weights."""
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+def test_functional_call_is_refused_by_a_recomputing_backward(mode):
+    """The memory-free and the checkpointed backward re-evaluate the modules after ``functional_call``
+    has put their own parameters back: they must refuse loudly rather than differentiate the wrong
+    weights (torch.utils.checkpoint alone silently does)."""
     for arch in ARCHITECTURES:
-        net = make_net(arch, depth=3, width=4)
+        net = make_net(arch, depth=3, width=4, mode=mode)
         substitutes = {n: (1.5 * p.detach()).requires_grad_() for n, p in net.named_parameters()}
         out = functional_call(net, substitutes, (make_input(3, 4, requires_grad=True),))
-        with pytest.raises(RuntimeError, match="functional_call"):
+        with pytest.raises(RuntimeError, match=f"parameters of the {mode} stack.*functional_call"):
             out.sum().backward()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "autograd",
-        pytest.param(
-            "checkpoint",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="inherited from torch.utils.checkpoint (non-reentrant): the recomputation runs after "
-                "functional_call has restored the module's own parameters, so gradients are silently wrong",
-            ),
-        ),
-    ],
-)
-def test_functional_call_parameters(mode):
+def test_functional_call_parameters():
     """``torch.func.functional_call`` substitutes parameters for one call (meta-learning, torch.func):
     the gradients must be those of the substituted values, and reach the substituted tensors."""
     for arch in ARCHITECTURES:
-        net = make_net(arch, depth=3, width=4, mode=mode)
+        net = make_net(arch, depth=3, width=4, mode="autograd")
         substitutes = {n: (1.5 * p.detach()).requires_grad_() for n, p in net.named_parameters()}
         reference = make_net(arch, depth=3, width=4)
         with torch.no_grad():

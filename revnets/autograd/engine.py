@@ -123,14 +123,38 @@ class _FloatArithmetic:
         return update.uncombine(new, increment), buffer
 
     @staticmethod
-    def check_finite(tensors: tuple[Tensor, ...], where: str) -> None:
-        """Raise if a reconstructed state holds NaN or inf (one reduction per component)."""
-        for component in tensors:
-            if not torch.isfinite(component.sum()) and not torch.isfinite(component).all():
-                raise FloatingPointError(
-                    f"non-finite value met while inverting {where}: the reconstruction overflowed or a function "
-                    "returned NaN/inf (a scale close to 0, such as a small γ, amplifies errors; exact=True avoids it)"
-                )
+    def check_finite(tensors: tuple[Tensor, ...], increments: list[Tensor], where: str, during: str) -> None:
+        """Raise if a reconstructed state holds NaN or inf (one reduction per component), saying why.
+
+        ``increments``: the function values the reconstruction used; if one of them is non-finite, the
+        function returned it (on finite inputs, since the state was checked one layer earlier), otherwise
+        the reconstruction itself was amplified to overflow. ``during``: "while inverting" or
+        "when re-evaluated in the backward".
+        """
+        if all(torch.isfinite(c.sum()) or torch.isfinite(c).all() for c in tensors):
+            return
+        if any(not torch.isfinite(u).all() for u in increments):
+            raise FloatingPointError(
+                f"{where}: a function returned a non-finite value (NaN/inf) {during}, on a finite input"
+                + ("" if during == "while inverting" else " although the forward's values were finite")
+                + ": it is not deterministic (randomness from outside torch's generators, state changed since the "
+                "forward, a different path in eval mode) or it overflows on this input"
+            )
+        raise FloatingPointError(
+            f"non-finite value met while inverting {where}: the reconstruction was amplified until it overflowed "
+            "(inverting an update divides by its scale, so a scale close to 0, such as a small γ, amplifies rounding "
+            "errors exponentially with depth); use a larger γ, fewer layers or float64, or exact=True, which "
+            "inverts bit for bit"
+        )
+
+    @staticmethod
+    def record_finite(tensors: tuple[Tensor, ...], record: list[Tensor]) -> None:
+        """Append one float64 sum of the state (no synchronisation): non-finite iff the state is, for any
+        float32 values and float64 values below 1e300."""
+        total = tensors[0].sum(dtype=torch.float64)
+        for component in tensors[1:]:
+            total = total + component.sum(dtype=torch.float64)
+        record.append(total)
 
 
 @dataclass(frozen=True)
@@ -166,7 +190,7 @@ class _FixedPointArithmetic:
         return old, buffer
 
     @staticmethod
-    def check_finite(tensors: tuple[Tensor, ...], where: str) -> None:
+    def check_finite(tensors: tuple[Tensor, ...], increments: list[Tensor], where: str, during: str) -> None:
         """Integers are always finite; non-finite increments are caught by :func:`quantize`."""
 
 
@@ -214,9 +238,14 @@ def _replace(values: tuple, index: int, value: Any) -> tuple:
     return values[:index] + (value,) + values[index + 1 :]
 
 
-def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithmetic, seeds: LayerSeeds | None = None):
-    """Run ``layers`` (numbered from ``first``) forward; with ``seeds``, seed the generators before each
-    update (inside ``seeds.forked()``, which the caller enters)."""
+def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithmetic, seeds: LayerSeeds | None = None,
+                    finite_record: list[Tensor] | None = None):
+    """Run ``layers`` (numbered from ``first``) forward.
+
+    ``seeds``: seed the generators before each update (inside ``seeds.forked()``, which the caller
+    enters). ``finite_record``: receives a value per layer that is non-finite iff the state after that
+    layer is (see :meth:`_FloatArithmetic.record_finite`), to name the first layer that produced NaN/inf.
+    """
     for k, functions in enumerate(layers, start=first):
         where = f"layer {k}"
         for j, update in enumerate(step.updates):
@@ -228,23 +257,38 @@ def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithme
             new, buffer = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
             tensors, buffers = _replace(tensors, t, new), _replace(buffers, t, buffer)
         tensors, buffers = step.permute(tensors), step.permute(buffers)
+        if finite_record is not None:
+            arithmetic.record_finite(tensors, finite_record)
     return tensors, buffers
 
 
 def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic):
     """Reconstruct the input state of ``layers`` from their output state (no graph)."""
+    if not all(torch.isfinite(c).all() for c in tensors):
+        raise FloatingPointError("the state to invert holds NaN/inf: no input can be reconstructed from it (the "
+                                 "forward that produced it already went wrong)")
     for k in reversed(range(len(layers))):
         where = f"layer {k}"
         tensors, buffers = step.unpermute(tensors), step.unpermute(buffers)
+        increments = []
         for j in reversed(range(len(step.updates))):
             update = step.updates[j]
             t = update.target
             views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
             increment = update.increment(views, layers[k], args, kwargs, where=where)
+            increments.append(increment)
             old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
             tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
-        arithmetic.check_finite(tensors, where)
+        arithmetic.check_finite(tensors, increments, where, "while inverting")
     return tensors, buffers
+
+
+def _first_non_finite(finite_record: Tensor) -> str:
+    """Where the forward first produced NaN/inf, from the flags of (input, layer 0, layer 1, ...)."""
+    first = int((~finite_record).nonzero()[0, 0])
+    if first == 0:
+        return "the stack's input already holds NaN/inf"
+    return f"the state first became non-finite at layer {first - 1} (a function returned NaN/inf or the state overflowed)"
 
 
 def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, seeds, kept_input=None):
@@ -266,6 +310,7 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
             step = stack.step()
         layer_params = [run.params[i] for i in run.layer_params[k]]
         tensors, buffers, grads = step.unpermute(tensors), step.unpermute(buffers), step.unpermute(grads)
+        increments = []
         for j in reversed(range(len(step.updates))):
             update = step.updates[j]
             t = update.target
@@ -278,6 +323,7 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                 leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors))
                 increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
                 gained = update.gain * increment if _is_learnable(update.gain) else None
+            increments.append(increment.detach())
             old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment.detach(), where)
             # s_t' = a·s_t + u(others): the gradient of s_t is a·g; u and a (if learnable) get VJPs.
             g = grads[t]
@@ -303,7 +349,7 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                     arg_grads[i] = _add(arg_grads[i], results.pop(0))
             grads = _replace(grads, t, update.scale_gradient(g))
             tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
-        arithmetic.check_finite(tensors, where)
+        arithmetic.check_finite(tensors, increments, where, "when re-evaluated in the backward")
     return grads, arg_grads, param_grads
 
 
@@ -347,6 +393,18 @@ class _Run:
         return pytree.tree_unflatten(leaves, self.arg_spec)
 
 
+def _substituted_parameters(mode: str) -> RuntimeError:
+    return RuntimeError(
+        f"the parameters of the {mode} stack's functions are not the tensors its forward used (substituted with "
+        "torch.func.functional_call or reassigned before backward); the backward re-evaluates the modules and "
+        "would differentiate the wrong weights: use mode='autograd'"
+    )
+
+
+def _layer_parameters(functions: Functions) -> tuple[Tensor, ...]:
+    return tuple(p for f in functions if isinstance(f, nn.Module) for p in f.parameters())
+
+
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _Run, *inputs: Tensor):
@@ -366,8 +424,14 @@ class _ReversibleFunction(torch.autograd.Function):
             exact = ExactState.from_float(state, run.frac_bits)
             arithmetic = _FixedPointArithmetic.for_step(step, run.frac_bits, exact.dtype)
             tensors, buffers = exact.tensors, exact.buffers
+        record = [] if run.frac_bits is None else None
+        if record is not None:
+            arithmetic.record_finite(tensors, record)
         with ctx.seeds.forked():
-            tensors, buffers = _forward_layers(step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic, ctx.seeds)
+            tensors, buffers = _forward_layers(
+                step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic, ctx.seeds, record
+            )
+        ctx.finite = None if record is None else torch.isfinite(torch.stack(record))  # one byte per layer
         ctx.arithmetic, ctx.buffers = arithmetic, buffers
         ctx.save_for_backward(*tensors, *arg_tensors, *(state if run.keep_input else ()))
         return tuple(arithmetic.view(c) for c in tensors)
@@ -377,10 +441,12 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, *output_grads: Tensor | None):
         run: _Run = ctx.run
         if run.parameters_changed():
-            raise RuntimeError(
-                "the parameters of the reversible stack's functions are not the tensors its forward used "
-                "(substituted with torch.func.functional_call or reassigned before backward); the memory-free "
-                "backward re-evaluates the modules and would differentiate the wrong weights: use mode='autograd'"
+            raise _substituted_parameters("reversible")
+        if ctx.finite is not None and not ctx.finite.all():
+            raise FloatingPointError(
+                f"non-finite value (NaN/inf) in the backward of a reversible stack: the forward already produced it "
+                f"({_first_non_finite(ctx.finite)}); this is not an inversion error. Check the input and the weights "
+                "(a diverging learning rate makes them non-finite)"
             )
         saved = ctx.saved_tensors
         kept_input = tuple(c.detach() for c in saved[len(saved) - run.n_state :]) if run.keep_input else None
@@ -493,13 +559,14 @@ def _checkpoint_layers(stack: Stack, state: State, args: tuple, kwargs: dict, *,
     step = stack.step()
     if not protect_running_stats:
         for k, functions in enumerate(stack.layers):
-            state = checkpoint(_checkpointed_layer, step, functions, k, None, args, kwargs, *state, use_reentrant=False)
+            state = checkpoint(_checkpointed_layer, step, functions, k, None, _layer_parameters(functions), args,
+                               kwargs, *state, use_reentrant=False)
         return state
     seeds = LayerSeeds.draw(accelerator_devices(state))
     contexts = functools.partial(_recomputation_contexts, stack.norm_modules())
     for k, functions in enumerate(stack.layers):
-        state = checkpoint(_checkpointed_layer, step, functions, k, seeds, args, kwargs, *state, use_reentrant=False,
-                           preserve_rng_state=False, context_fn=contexts)
+        state = checkpoint(_checkpointed_layer, step, functions, k, seeds, _layer_parameters(functions), args,
+                           kwargs, *state, use_reentrant=False, preserve_rng_state=False, context_fn=contexts)
     return state
 
 
@@ -513,8 +580,13 @@ def _recomputation_contexts(norm_modules) -> tuple[contextlib.AbstractContextMan
     return contextlib.nullcontext(), preserved_running_stats(norm_modules)
 
 
-def _checkpointed_layer(step: Step, functions: Functions, k: int, seeds: LayerSeeds | None, args: tuple, kwargs: dict,
-                        *state: Tensor) -> State:
+def _checkpointed_layer(step: Step, functions: Functions, k: int, seeds: LayerSeeds | None, forward_parameters: tuple,
+                        args: tuple, kwargs: dict, *state: Tensor) -> State:
+    """Layer ``k`` as checkpoint runs it: in the forward, and again in the backward, where its modules must
+    still hold the parameters of the forward (``forward_parameters``, a tuple checkpoint keeps as is)."""
+    current = _layer_parameters(functions)
+    if len(current) != len(forward_parameters) or any(a is not b for a, b in zip(current, forward_parameters)):
+        raise _substituted_parameters("checkpoint")
     with seeds.forked() if seeds is not None else contextlib.nullcontext():
         return _forward_layers(step, (functions,), k, state, (None,) * len(state), args, kwargs, _FloatArithmetic(),
                                seeds)[0]

@@ -4,6 +4,14 @@ Use :func:`load_dataset` with a name from :func:`list_datasets`; :func:`dataset_
 dataset (classes, input shape, splits, channel statistics) without loading it.
 """
 
+try:
+    import numpy  # noqa: F401  (the image datasets and the packaged ones are numpy arrays)
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(
+        'revnets.data needs numpy, which is not installed; install the data extra: pip install "revnets[data]"',
+        name=error.name,
+    ) from error
+
 from .images import ArrayImageDataset as ArrayImageDataset
 from .images import ImageDataset as ImageDataset
 from .images import ImageFolderDataset as ImageFolderDataset

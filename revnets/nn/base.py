@@ -68,6 +68,7 @@ class ReversibleNet(nn.Module):
 
     A subclass declares its scheme with :meth:`step`, its layers with :meth:`layers`, how an input
     becomes a state (:meth:`init_state`) and how a state becomes the output (:meth:`output`).
+    With no layers (depth 0) the network is the identity, in every mode, as an empty ``nn.Sequential`` is.
 
     Args:
         mode: ``"reversible"`` (default: activations are not stored; the backward inverts layer by

@@ -25,7 +25,8 @@ class MomentumNet(ReversibleNet):
 
     Args:
         functions: the residual functions ``f_0 … f_{N−1}`` (modules or callables; a module may be
-            repeated to share weights).
+            repeated to share weights). An empty list is the identity (depth 0), as an empty
+            ``nn.Sequential`` is: a converted ResNet stage of one block keeps an empty stack.
         gamma: the momentum term γ ∈ [0, 1] (γ = 0 is a plain ResNet and cannot be inverted, so it
             needs ``mode="autograd"`` or ``"checkpoint"``). A :class:`fractions.Fraction` is used
             exactly by ``exact=True``; a float is converted to the nearest fraction with a
