@@ -380,6 +380,7 @@ class _Run:
     frac_bits: int | None
     norm_modules: tuple = field(default=())
     keep_input: bool = False
+    seeds: LayerSeeds | None = None  # drawn by the forward if None
 
     def parameters_changed(self) -> bool:
         """Whether the stack's trainable parameters are no longer the tensors recorded by the forward."""
@@ -414,7 +415,7 @@ class _ReversibleFunction(torch.autograd.Function):
         args, kwargs = run.arguments(arg_tensors)
         devices = accelerator_devices(state)
         ctx.autocast = AutocastState.capture(devices)
-        ctx.seeds = LayerSeeds.draw(devices)
+        ctx.seeds = LayerSeeds.draw(devices) if run.seeds is None else run.seeds
         ctx.run = run
         step = run.stack.step()
         if run.frac_bits is None:
@@ -486,6 +487,7 @@ def run(
     mode: str = "reversible",
     frac_bits: int | None = None,
     keep_input: bool = False,
+    memory_budget: float = 0.0,
 ) -> State:
     """Run ``stack`` on ``state`` under the memory strategy ``mode``.
 
@@ -500,6 +502,9 @@ def run(
         keep_input: reversible mode in floating point: also keep the input state, and evaluate the
             first layer's functions on it rather than on its reconstruction (one state more in memory;
             inversion rounding then never reaches the first layer).
+        memory_budget: reversible mode in floating point: the fraction in [0, 1] of the layers whose
+            graphs are kept (the last ``round(memory_budget · depth)``, run as in ``"autograd"`` mode on
+            the output of the others, which run reversibly): memory between reversible (0) and autograd (1).
 
     Returns:
         The output state, a tuple of tensors of the input's shapes.
@@ -515,6 +520,18 @@ def run(
     leaves, arg_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     arg_tensors = tuple(v for v in leaves if isinstance(v, Tensor))
     needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (*state, *arg_tensors, *params))
+    kept = round(memory_budget * len(stack.layers)) if mode == "reversible" and needs_graph else 0
+    if kept:
+        if frac_bits is not None:
+            raise ValueError("memory_budget > 0 keeps floating-point graphs: it needs frac_bits=None (exact=False)")
+        inverted = len(stack.layers) - kept
+        # one seed for both parts: the random numbers of memory_budget=0 (none under torch.compile)
+        seeds = None if torch.compiler.is_compiling() else LayerSeeds.draw(accelerator_devices(state))
+        if inverted:
+            head = Stack(stack.step, stack.layers[:inverted], stack.coefficients)
+            state = _run_reversible(head, state, args, kwargs, *head.parameters(), leaves, arg_spec, arg_tensors, None,
+                                    keep_input, True, seeds)
+        return _autograd_layers(stack, state, args, kwargs, first=inverted, seeds=seeds)
     if mode == "reversible" and (needs_graph or frac_bits is not None):
         return _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, arg_spec, arg_tensors,
                                frac_bits, keep_input, needs_graph)
@@ -523,18 +540,28 @@ def run(
             # Dynamo turns each checkpoint into a region that the compiled backward recomputes.
             return _checkpoint_layers(stack, state, args, kwargs, protect_running_stats=False)
         return _checkpoint_layers_eagerly(stack, state, args, kwargs, protect_running_stats=True)
-    step = stack.step()
-    if not needs_graph or torch.compiler.is_compiling():  # compiled: random numbers are the compiler's
-        return _forward_layers(step, stack.layers, 0, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
-    seeds = LayerSeeds.draw(accelerator_devices(state))
+    if not needs_graph:
+        return _forward_layers(stack.step(), stack.layers, 0, state, (None,) * len(state), args, kwargs,
+                               _FloatArithmetic())[0]
+    return _autograd_layers(stack, state, args, kwargs)
+
+
+def _autograd_layers(stack: Stack, state: State, args: tuple, kwargs: dict, first: int = 0,
+                     seeds: LayerSeeds | None = None) -> State:
+    """``stack.layers[first:]`` under plain autograd, their random numbers drawn as :class:`LayerSeeds` says
+    (``seeds``, or new ones; under ``torch.compile``, the compiler's random numbers instead)."""
+    step, layers = stack.step(), stack.layers[first:]
+    if torch.compiler.is_compiling():
+        return _forward_layers(step, layers, first, state, (None,) * len(state), args, kwargs, _FloatArithmetic())[0]
+    seeds = LayerSeeds.draw(accelerator_devices(state)) if seeds is None else seeds
     with seeds.forked():
-        return _forward_layers(step, stack.layers, 0, state, (None,) * len(state), args, kwargs, _FloatArithmetic(),
+        return _forward_layers(step, layers, first, state, (None,) * len(state), args, kwargs, _FloatArithmetic(),
                                seeds)[0]
 
 
 @torch.compiler.disable
 def _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, arg_spec, arg_tensors, frac_bits,
-                    keep_input, needs_graph) -> State:
+                    keep_input, needs_graph, seeds: LayerSeeds | None = None) -> State:
     """The reversible (or exact) strategy, run eagerly: ``torch.compile`` breaks the graph here, once per
     stack, since the RNG snapshots and the hand-written backward of :class:`_ReversibleFunction` are not
     traceable; the functions inside run uncompiled (compile them individually to fuse them)."""
@@ -542,7 +569,7 @@ def _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, ar
         return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
     plan = _Run(
         stack, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, stack.norm_modules(),
-        keep_input and frac_bits is None,
+        keep_input and frac_bits is None, seeds,
     )
     return _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
 

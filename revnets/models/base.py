@@ -48,9 +48,10 @@ class ZooModel(nn.Module):
         """``(B, C, H, W)`` images to ``(B, num_classes)`` logits."""
         return self.forward_head(self.forward_features(x))
 
-    def set_mode(self, mode: str) -> ZooModel:
-        """Switch every stack to ``mode`` (``"reversible"``, ``"autograd"`` or ``"checkpoint"``); returns self.
+    def set_mode(self, mode: str, *, memory_budget: float | None = None) -> ZooModel:
+        """Switch every stack to ``mode`` (``"reversible"``, ``"autograd"`` or ``"checkpoint"``), and its
+        reversible stacks to ``memory_budget`` if given (see :func:`revnets.set_mode`); returns self.
 
         All stacks are checked before any is changed: on error the model is left as it was.
         """
-        return set_mode(self, mode)
+        return set_mode(self, mode, memory_budget=memory_budget)

@@ -28,25 +28,45 @@ def as_module_list(functions: Iterable[Callable[..., Tensor]], name: str) -> nn.
     return nn.ModuleList(modules)
 
 
-def set_mode(model: nn.Module, mode: str) -> nn.Module:
+def set_mode(model: nn.Module, mode: str, *, memory_budget: float | None = None) -> nn.Module:
     """Switch every stack inside ``model`` that has a memory strategy to ``mode``; returns ``model``.
 
     A stack is any submodule with ``check_mode_allowed(mode)`` and ``set_mode(mode)`` (every
-    :class:`ReversibleNet`, the plain stages of the model zoo). All are checked before any is
-    changed, so on error the model is left as it was.
+    :class:`ReversibleNet`, the plain stages of the model zoo). ``memory_budget`` (if given) is set
+    on every :class:`ReversibleNet` too (see :attr:`ReversibleNet.memory_budget`). All are checked
+    before any is changed, so on error the model is left as it was.
 
     Raises:
-        ValueError: unknown ``mode``, a stack that cannot run in it, or no stack in ``model``.
+        ValueError: unknown ``mode``, a bad ``memory_budget``, a stack that cannot run in them, or no
+            stack in ``model``.
     """
     check_mode(mode)
     stacks = [m for m in model.modules() if callable(getattr(m, "check_mode_allowed", None))]
     if not stacks:
         raise ValueError(f"{type(model).__name__} contains no reversible stack whose mode could be set")
+    budgeted = [m for m in stacks if isinstance(m, ReversibleNet)]
+    if memory_budget is not None:
+        check_memory_budget(memory_budget)
+        for stack in budgeted:
+            stack.check_memory_budget_allowed(memory_budget)
     for stack in stacks:
         stack.check_mode_allowed(mode)
     for stack in stacks:
         stack.set_mode(mode)
+    if memory_budget is not None:
+        for stack in budgeted:
+            stack.memory_budget = memory_budget
     return model
+
+
+def check_memory_budget(memory_budget: float) -> float:
+    """Return ``memory_budget`` if it is a number in [0, 1], else raise a :class:`ValueError` saying so."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not 0 <= memory_budget <= 1:
+        raise ValueError(
+            "memory_budget must be a number in [0, 1], the fraction of the stack's autograd activation memory "
+            f"that may be kept (0: fully reversible, 1: plain autograd); got {memory_budget!r}"
+        )
+    return float(memory_budget)
 
 
 class _Function(nn.Module):
@@ -79,6 +99,13 @@ class ReversibleNet(nn.Module):
         frac_bits: fractional bits of the fixed-point state when ``exact=True``; values must stay
             within ``±2^(46 − frac_bits)`` (an :class:`OverflowError` says so otherwise).
 
+        memory_budget: the fraction in [0, 1] of the stack's autograd activation memory that reversible
+            mode may keep: the last ``round(memory_budget · depth)`` layers keep their graphs (plain
+            backpropagation, no recomputation) and the others are inverted. 0 (default) is fully
+            reversible, 1 is plain autograd; time falls from about 4/3 of autograd's to autograd's as
+            the budget grows, gradients are the same. Layers are assumed to hold equal activation
+            memory (a stack repeats one block). Floating point only (``exact=True`` needs 0).
+
     Attribute ``keep_input`` (default ``False``): in floating-point reversible mode, also keep the
     input state and evaluate the first layer on it instead of on its reconstruction — one state
     more in memory, in exchange for no inversion rounding in the first layer (useful when the input
@@ -87,7 +114,10 @@ class ReversibleNet(nn.Module):
 
     keep_input: bool = False
 
-    def __init__(self, *, mode: str = "reversible", exact: bool = False, frac_bits: int = FRAC_BITS_DEFAULT):
+    def __init__(
+        self, *, mode: str = "reversible", exact: bool = False, frac_bits: int = FRAC_BITS_DEFAULT,
+        memory_budget: float = 0.0,
+    ):
         super().__init__()
         self.mode = check_mode(mode)
         if not isinstance(exact, bool):
@@ -98,6 +128,8 @@ class ReversibleNet(nn.Module):
             raise ValueError(f"frac_bits must be an integer in [0, 40]; got {frac_bits!r}")
         self.exact = exact
         self.frac_bits = frac_bits
+        self.check_memory_budget_allowed(check_memory_budget(memory_budget))
+        self.memory_budget = float(memory_budget)
 
     # -- the declaration a subclass provides -------------------------------------------------------
     def step(self) -> Step:
@@ -123,6 +155,14 @@ class ReversibleNet(nn.Module):
         self.mode = mode
         return self
 
+    def check_memory_budget_allowed(self, memory_budget: float) -> None:
+        """Raise ``ValueError`` if this network cannot keep part of its graph (exact mode)."""
+        if self.exact and memory_budget > 0:
+            raise ValueError(
+                f"memory_budget={memory_budget!r} keeps floating-point graphs of the last layers, which exact=True "
+                "(fixed-point state, bit-exact inversion) cannot mix with; use memory_budget=0 or exact=False"
+            )
+
     def check_mode_allowed(self, mode: str) -> None:
         """Raise ``ValueError`` if this network cannot run in ``mode`` (unknown mode, exact needs reversible...)."""
         check_mode(mode)
@@ -144,7 +184,8 @@ class ReversibleNet(nn.Module):
         """Run the layers on an explicit state (tuple of tensors) under the current mode."""
         frac_bits = self.frac_bits if self.exact else None
         return engine.run(
-            self.stack(), state, args, kwargs, mode=self.mode, frac_bits=frac_bits, keep_input=self.keep_input
+            self.stack(), state, args, kwargs, mode=self.mode, frac_bits=frac_bits, keep_input=self.keep_input,
+            memory_budget=self.memory_budget,
         )
 
     def inverse_state(self, state: State, *args, **kwargs) -> State:
@@ -172,7 +213,8 @@ class ReversibleNet(nn.Module):
         return engine.invert_exact(self.stack(), state, args, kwargs)
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, mode={self.mode!r}, exact={self.exact}"
+        budget = f", memory_budget={self.memory_budget}" if self.memory_budget else ""
+        return f"depth={self.depth}, mode={self.mode!r}, exact={self.exact}{budget}"
 
 
 class TwoStreamNet(ReversibleNet):

@@ -23,8 +23,9 @@ def check_step_size(h: float) -> float:
 class _CouplingNet(TwoStreamNet):
     """``y ← y + a·F_j(z);  z ← z + b·G_j(y)`` on the two halves of dim 1."""
 
-    def __init__(self, f_functions, g_functions, coefficients: tuple[float, float], *, mode, exact, frac_bits):
-        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits)
+    def __init__(self, f_functions, g_functions, coefficients: tuple[float, float], *, mode, exact, frac_bits,
+                 memory_budget):
+        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
         self.f_functions = as_module_list(f_functions, "f_functions")
         self.g_functions = as_module_list(g_functions, "g_functions")
         if len(self.f_functions) != len(self.g_functions):
@@ -56,8 +57,10 @@ class RevNet(_CouplingNet):
         mode: str = "reversible",
         exact: bool = False,
         frac_bits: int = FRAC_BITS_DEFAULT,
+        memory_budget: float = 0.0,
     ):
-        super().__init__(f_functions, g_functions, (1.0, 1.0), mode=mode, exact=exact, frac_bits=frac_bits)
+        super().__init__(f_functions, g_functions, (1.0, 1.0), mode=mode, exact=exact, frac_bits=frac_bits,
+                         memory_budget=memory_budget)
 
 
 class HamiltonianNet(_CouplingNet):
@@ -78,9 +81,11 @@ class HamiltonianNet(_CouplingNet):
         mode: str = "reversible",
         exact: bool = False,
         frac_bits: int = FRAC_BITS_DEFAULT,
+        memory_budget: float = 0.0,
     ):
         h = check_step_size(h)
-        super().__init__(f_functions, g_functions, (h, -h), mode=mode, exact=exact, frac_bits=frac_bits)
+        super().__init__(f_functions, g_functions, (h, -h), mode=mode, exact=exact, frac_bits=frac_bits,
+                         memory_budget=memory_budget)
         self.h = h
 
     def extra_repr(self) -> str:

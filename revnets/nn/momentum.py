@@ -36,6 +36,8 @@ class MomentumNet(ReversibleNet):
         exact: fixed-point state and information buffer: bit-exact inversion at any depth and γ.
         learn_gamma: make γ a learnable parameter, ``γ = sigmoid(θ)``, kept inside (0, 1).
         frac_bits: fractional bits of the fixed-point state (``exact=True``).
+        memory_budget: fraction in [0, 1] of autograd's activation memory reversible mode may keep
+            (the last layers' graphs; see :class:`ReversibleNet`).
     """
 
     def __init__(
@@ -48,8 +50,9 @@ class MomentumNet(ReversibleNet):
         exact: bool = False,
         learn_gamma: bool = False,
         frac_bits: int = FRAC_BITS_DEFAULT,
+        memory_budget: float = 0.0,
     ):
-        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits)
+        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
         self.functions = as_module_list(functions, "functions")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float, Fraction)):
             raise TypeError(f"gamma must be a number in [0, 1]; got {type(gamma).__name__}")

@@ -23,8 +23,8 @@ from .coupling import check_step_size
 class _TwoStepNet(TwoStreamNet):
     _scheme: Callable[[float], Step]
 
-    def __init__(self, functions, *, h, mode, exact, frac_bits):
-        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits)
+    def __init__(self, functions, *, h, mode, exact, frac_bits, memory_budget):
+        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
         self.functions = as_module_list(functions, "functions")
         self.h = check_step_size(h)
 
@@ -55,8 +55,9 @@ class MidpointNet(_TwoStepNet):
         mode: str = "reversible",
         exact: bool = False,
         frac_bits: int = FRAC_BITS_DEFAULT,
+        memory_budget: float = 0.0,
     ):
-        super().__init__(functions, h=h, mode=mode, exact=exact, frac_bits=frac_bits)
+        super().__init__(functions, h=h, mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
 
 
 class LeapfrogNet(_TwoStepNet):
@@ -75,5 +76,6 @@ class LeapfrogNet(_TwoStepNet):
         mode: str = "reversible",
         exact: bool = False,
         frac_bits: int = FRAC_BITS_DEFAULT,
+        memory_budget: float = 0.0,
     ):
-        super().__init__(functions, h=h, mode=mode, exact=exact, frac_bits=frac_bits)
+        super().__init__(functions, h=h, mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
