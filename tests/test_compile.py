@@ -18,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from helpers import ARCHITECTURES, assemble, make_input, make_net, scheme_options
+from helpers import ARCHITECTURES, assemble, make_input, make_net, reference_forward, scheme_options
 from torch import nn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,9 +44,12 @@ def norm_dropout_net(arch: str, mode: str) -> nn.Module:
     return assemble(arch, fs, gs, mode=mode, **scheme_options(arch, 0.9, 0.5))
 
 
-def compiled_step(net: nn.Module, x: torch.Tensor, **options):
-    """Outputs and gradients (input, then parameters) of one seeded forward/backward of ``torch.compile(net)``."""
+def compiled_step(net: nn.Module, x: torch.Tensor, forward=None, **options):
+    """Outputs and gradients (input, then parameters) of one seeded forward/backward of ``torch.compile(net)``
+    (of ``forward(net, x)`` instead of ``net(x)`` if given)."""
     model = torch.compile(net, **options) if options else net
+    if forward is not None:
+        model = lambda x, net=net: forward(net, x)  # noqa: E731
     x = x.clone().requires_grad_()
     torch.manual_seed(5)
     out = model(x)
@@ -54,10 +57,10 @@ def compiled_step(net: nn.Module, x: torch.Tensor, **options):
     return out.detach(), [x.grad, *(p.grad for p in net.parameters())]
 
 
-def assert_same_step(net: nn.Module, x: torch.Tensor, *, tol: float, **options) -> None:
+def assert_same_step(net: nn.Module, x: torch.Tensor, *, tol: float, reference_forward=None, **options) -> None:
     reference = copy.deepcopy(net)
     out, grads = compiled_step(net, x, **options)
-    ref_out, ref_grads = compiled_step(reference, x)
+    ref_out, ref_grads = compiled_step(reference, x, reference_forward)
     torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
@@ -77,11 +80,16 @@ def test_compiled_matches_eager(arch, mode, backend):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", ["MomentumNet", "RevNet"])
 def test_compiled_matches_eager_with_batchnorm_and_dropout(arch, mode, backend):
-    """Running statistics counted once, dropout masks replayed (inductor told to draw eager's random numbers)."""
+    """Running statistics counted once, dropout masks replayed (inductor told to draw eager's random numbers).
+
+    Compiled, ``mode="autograd"`` is one graph whose random numbers are the compiler's: those of a plain
+    loop over the layers, not the engine's per-layer seeds; the other modes run the stack eagerly.
+    """
     net = norm_dropout_net(arch, mode)
+    plain_loop = reference_forward if mode == "autograd" else None
     with torch._inductor.config.patch(fallback_random=True):
         assert_same_step(net, torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), tol=1e-5,
-                         backend=backend)
+                         backend=backend, reference_forward=plain_loop)
     assert [int(b) for name, b in net.named_buffers() if name.endswith("num_batches_tracked")] == [1] * len(
         [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)])
 
@@ -102,3 +110,13 @@ def test_graph_breaks_are_those_documented(mode, norm, breaks):
                                                                          dtype=torch.float32)
     explanation = torch._dynamo.explain(net)(torch.randn(6, 8, requires_grad=True))
     assert len(explanation.break_reasons) == breaks, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+
+
+@pytest.mark.parametrize(("name", "mode"), [("momentum_resnet18", "reversible"), ("resnet18", "checkpoint")])
+def test_zoo_model_compiles(name, mode):
+    """Stem and first blocks under checkpoint_call, stacks reversible: compiled = eager, statistics too."""
+    from revnets.models import create_model
+
+    model = create_model(name, num_classes=10).set_mode(mode)
+    assert_same_step(model, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), tol=1e-4,
+                     backend="aot_eager")

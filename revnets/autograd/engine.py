@@ -564,7 +564,7 @@ def _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, ar
                     keep_input, needs_graph, seeds: LayerSeeds | None = None) -> State:
     """The reversible (or exact) strategy, run eagerly: ``torch.compile`` breaks the graph here, once per
     stack, since the RNG snapshots and the hand-written backward of :class:`_ReversibleFunction` are not
-    traceable; the functions inside run uncompiled (compile them individually to fuse them)."""
+    traceable; the functions inside run uncompiled."""
     if not needs_graph:
         return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
     plan = _Run(
@@ -602,6 +602,46 @@ _checkpoint_layers_eagerly = torch.compiler.disable(_checkpoint_layers)
 layers in training mode, a traced checkpoint would recompute their running-statistic updates."""
 
 
+def checkpoint_call(module: nn.Module, *args: Tensor, forward: Callable[..., Tensor] | None = None) -> Tensor:
+    """``module(*args)`` (or ``forward(*args)``, a function of ``module``'s parameters) under
+    :func:`torch.utils.checkpoint.checkpoint` (non-reentrant), with the guarantees of
+    ``mode="checkpoint"``: the recomputation leaves the running statistics of ``module``'s
+    normalisation layers alone, replays random numbers from one seed (:class:`LayerSeeds`), and
+    refuses parameters substituted since the forward. For the blocks a reversible model cannot invert
+    (a stage's shape-changing first block, a stem): only their inputs are held until the backward.
+    """
+    function = module if forward is None else forward
+    norms = running_stat_modules((module,))
+    parameters = _layer_parameters((module,))
+    if torch.compiler.is_compiling() and not any(m.training for m in norms):
+        return checkpoint(_checkpointed_call, function, module, None, parameters, *args, use_reentrant=False)
+    return _checkpoint_call_eagerly(function, module, norms, parameters, *args)
+
+
+@torch.compiler.disable
+def _checkpoint_call_eagerly(function, module: nn.Module, norms: tuple, parameters: tuple, *args: Tensor) -> Tensor:
+    seeds = LayerSeeds.draw(accelerator_devices(a for a in args if isinstance(a, Tensor)))
+    return checkpoint(_checkpointed_call, function, module, seeds, parameters, *args, use_reentrant=False,
+                      preserve_rng_state=False, context_fn=functools.partial(_recomputation_contexts, norms))
+
+
+def _checkpointed_call(function, module: nn.Module, seeds: LayerSeeds | None, forward_parameters: tuple,
+                       *args: Tensor) -> Tensor:
+    _check_same_parameters((module,), forward_parameters)
+    if seeds is None:
+        return function(*args)
+    with seeds.forked():
+        seeds.seed(0, 0)
+        return function(*args)
+
+
+def _check_same_parameters(functions: Functions, forward_parameters: tuple) -> None:
+    """Raise if the modules no longer hold the parameters of the forward (e.g. after ``functional_call``)."""
+    current = _layer_parameters(functions)
+    if len(current) != len(forward_parameters) or any(a is not b for a, b in zip(current, forward_parameters)):
+        raise _substituted_parameters("checkpoint")
+
+
 def _recomputation_contexts(norm_modules) -> tuple[contextlib.AbstractContextManager, preserved_running_stats]:
     """Checkpoint's (forward, recomputation) contexts: the recomputation leaves running statistics alone."""
     return contextlib.nullcontext(), preserved_running_stats(norm_modules)
@@ -611,9 +651,7 @@ def _checkpointed_layer(step: Step, functions: Functions, k: int, seeds: LayerSe
                         args: tuple, kwargs: dict, *state: Tensor) -> State:
     """Layer ``k`` as checkpoint runs it: in the forward, and again in the backward, where its modules must
     still hold the parameters of the forward (``forward_parameters``, a tuple checkpoint keeps as is)."""
-    current = _layer_parameters(functions)
-    if len(current) != len(forward_parameters) or any(a is not b for a, b in zip(current, forward_parameters)):
-        raise _substituted_parameters("checkpoint")
+    _check_same_parameters(functions, forward_parameters)
     with seeds.forked() if seeds is not None else contextlib.nullcontext():
         return _forward_layers(step, (functions,), k, state, (None,) * len(state), args, kwargs, _FloatArithmetic(),
                                seeds)[0]

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import torch
 from torch import Tensor, nn
 
-from ..autograd.engine import check_mode
+from ..autograd.engine import check_mode, checkpoint_call
 from ..nn.base import ReversibleNet
 from ..nn.momentum import MomentumNet
 from . import huggingface
@@ -107,7 +108,33 @@ def _convert_resnet_stage(stage: nn.Sequential, name: str, settings: _Settings) 
             )
     if not rest:
         return stage
-    return nn.Sequential(first, settings.momentum_net(rest))
+    return ConvertedStage(first, settings.momentum_net(rest), mode=settings.mode)
+
+
+class ConvertedStage(nn.Sequential):
+    """A converted ResNet stage: ``(first block, reversible stack)``, named as the original (``0``, ``1``).
+
+    The first block changes shape or stride, so it cannot be inverted; in ``"reversible"`` and
+    ``"checkpoint"`` mode it runs under :func:`~revnets.autograd.engine.checkpoint_call`, holding only
+    its input until the backward, so that the converted model always holds less than the original.
+    ``revnets.set_mode`` switches it with the stacks.
+    """
+
+    def __init__(self, first: nn.Module, stack: ReversibleNet, *, mode: str):
+        super().__init__(first, stack)
+        self.mode = check_mode(mode)
+
+    def check_mode_allowed(self, mode: str) -> None:
+        check_mode(mode)
+
+    def set_mode(self, mode: str) -> ConvertedStage:
+        self.mode = check_mode(mode)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, stack = self
+        x = first(x) if self.mode == "autograd" or not torch.is_grad_enabled() else checkpoint_call(first, x)
+        return stack(x)
 
 
 def _convert(module: nn.Module, name: str, settings: _Settings) -> nn.Module:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from ..autograd.engine import check_mode
-from ..autograd.replay import preserved_running_stats, running_stat_modules
+from ..autograd.engine import check_mode, checkpoint_call
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -84,20 +80,26 @@ class Bottleneck(ResidualBlock):
 
 
 class Stage(nn.Sequential):
-    """A plain stage of residual blocks; ``mode="checkpoint"`` recomputes each block in the backward.
+    """Plain (non-invertible) blocks with a memory strategy: ``mode="checkpoint"`` recomputes each block
+    in the backward (:func:`revnets.autograd.engine.checkpoint_call`: BatchNorm running statistics
+    updated once per step, dropout replayed).
 
-    ``mode="reversible"`` is refused: plain residual blocks are not invertible (convert the model
-    with :func:`revnets.convert_to_momentum` instead). Recomputation leaves BatchNorm running
-    statistics as the forward left them (updated once per step).
+    ``whole=True`` checkpoints the sequence as one unit (a stem: conv, BN, ReLU) instead of block by
+    block. ``mode="reversible"`` is refused unless ``reversible_checkpoints``: a plain ResNet stage is
+    not invertible (convert the model with :func:`revnets.convert_to_momentum` instead), while a stem,
+    never invertible, runs under checkpointing in reversible mode too, holding only its input until the
+    backward (in a plain ResNet, whose stages refuse reversible mode, that never happens).
     """
 
-    def __init__(self, *blocks: nn.Module):
+    def __init__(self, *blocks: nn.Module, whole: bool = False, reversible_checkpoints: bool = False):
         super().__init__(*blocks)
+        self.whole = whole
+        self.reversible_checkpoints = reversible_checkpoints
         self.mode = "autograd"
 
     def check_mode_allowed(self, mode: str) -> None:
         check_mode(mode)
-        if mode == "reversible":
+        if mode == "reversible" and not self.reversible_checkpoints:
             raise ValueError(
                 "mode='reversible' needs invertible blocks; a plain ResNet stage has none: use its "
                 "momentum_/revnet counterpart or revnets.convert_to_momentum(model), or mode='checkpoint'"
@@ -109,14 +111,10 @@ class Stage(nn.Sequential):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        checkpointing = self.mode == "checkpoint" and torch.is_grad_enabled()
+        if self.mode == "autograd" or not torch.is_grad_enabled():
+            return super().forward(x)
+        if self.whole:
+            return checkpoint_call(self, x, forward=super().forward)
         for block in self:
-            if checkpointing:
-                norms = running_stat_modules([block])
-                x = checkpoint(
-                    block, x, use_reentrant=False,
-                    context_fn=lambda norms=norms: (contextlib.nullcontext(), preserved_running_stats(norms)),
-                )
-            else:
-                x = block(x)
+            x = checkpoint_call(block, x)
         return x

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..convert.momentum import convert_to_momentum
+from ..convert.momentum import ConvertedStage, convert_to_momentum
 from ..convert.residual import ResidualFunction
 from ..nn.coupling import RevNet
 from ..nn.momentum import MomentumNet
@@ -47,8 +47,8 @@ class CifarResNet(ZooModel):
     def __init__(self, block: type[nn.Module], blocks_per_stage: tuple[int, ...], num_classes: int = 10,
                  in_channels: int = 3):
         super().__init__(num_classes, STAGE_CHANNELS[-1] * block.expansion)
-        self.stem = nn.Sequential(conv3x3(in_channels, STAGE_CHANNELS[0]), nn.BatchNorm2d(STAGE_CHANNELS[0]),
-                                  nn.ReLU(inplace=True))
+        self.stem = Stage(conv3x3(in_channels, STAGE_CHANNELS[0]), nn.BatchNorm2d(STAGE_CHANNELS[0]),
+                          nn.ReLU(inplace=True), whole=True, reversible_checkpoints=True)
         channels_in = STAGE_CHANNELS[0]
         for index, (channels, stride, count) in enumerate(zip(STAGE_CHANNELS, STAGE_STRIDES, blocks_per_stage), 1):
             blocks = [block(channels_in, channels, stride)]
@@ -91,7 +91,7 @@ def momentum_resnet(
             stack = stage[-1]
             if isinstance(stack, MomentumNet):
                 stack.init_velocity = ResidualFunction(block(channels * block.expansion, channels))
-    return model
+    return model.set_mode(mode)
 
 
 class _HalfWidthBranch(nn.Module):
@@ -119,9 +119,9 @@ def revnet(depth: int, num_classes: int = 10, *, mode: str = "reversible", exact
                 [_HalfWidthBranch(block, channels) for _ in rest], [_HalfWidthBranch(block, channels) for _ in rest],
                 mode=mode, exact=exact,
             )
-            setattr(model, f"layer{index}", nn.Sequential(first, couplings))
+            setattr(model, f"layer{index}", ConvertedStage(first, couplings, mode=mode))
     model.initialise_weights()
-    return model
+    return model.set_mode(mode)
 
 
 for _depth in CONFIGS:
