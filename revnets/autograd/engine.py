@@ -93,10 +93,7 @@ class Stack:
             return tuple(found)
 
         shared = indices(self.coefficients)
-        per_layer = tuple(
-            indices([p for f in fns if isinstance(f, nn.Module) for p in f.parameters()]) + shared
-            for fns in self.layers
-        )
+        per_layer = tuple(indices(_layer_parameters(fns)) + shared for fns in self.layers)
         return tuple(params), per_layer
 
     def norm_modules(self):
@@ -131,7 +128,10 @@ class _FloatArithmetic:
         the reconstruction itself was amplified to overflow. ``during``: "while inverting" or
         "when re-evaluated in the backward".
         """
-        if all(torch.isfinite(c.sum()) or torch.isfinite(c).all() for c in tensors):
+        total = tensors[0].sum()
+        for component in tensors[1:]:
+            total = total + component.sum()
+        if torch.isfinite(total) or all(torch.isfinite(c).all() for c in tensors):  # one synchronisation
             return
         if any(not torch.isfinite(u).all() for u in increments):
             raise FloatingPointError(
@@ -251,7 +251,7 @@ def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithme
         for j, update in enumerate(step.updates):
             t = update.target
             views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
-            if seeds is not None:
+            if seeds is not None and update.calls_functions:
                 seeds.seed(k, j)
             increment = update.increment(views, functions, args, kwargs, where=where)
             new, buffer = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
@@ -304,10 +304,12 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
     param_grads: list[Tensor | None] = [None] * len(run.params)
     arg_grads: list[Tensor | None] = [None] * len(arg_leaves)
     trainable_args = [i for i, a in enumerate(arg_leaves) if a.requires_grad]
+    step = None
     for k in reversed(range(len(stack.layers))):
         where = f"layer {k}"
-        with torch.enable_grad():
-            step = stack.step()
+        if step is None or stack.coefficients:  # learnable coefficients enter each layer's graph afresh
+            with torch.enable_grad():
+                step = stack.step()
         layer_params = [run.params[i] for i in run.layer_params[k]]
         tensors, buffers, grads = step.unpermute(tensors), step.unpermute(buffers), step.unpermute(grads)
         increments = []
@@ -318,7 +320,8 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                 pending = {u.target for u in step.updates[: j + 1]}
                 tensors = tuple(c if i in pending else kept_input[i] for i, c in enumerate(tensors))
             others = [i for i in range(len(tensors)) if i != t]
-            seeds.seed(k, j)
+            if update.calls_functions:
+                seeds.seed(k, j)
             with torch.enable_grad():
                 leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors))
                 increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
@@ -403,7 +406,16 @@ def _substituted_parameters(mode: str) -> RuntimeError:
 
 
 def _layer_parameters(functions: Functions) -> tuple[Tensor, ...]:
-    return tuple(p for f in functions if isinstance(f, nn.Module) for p in f.parameters())
+    """The parameters of the modules among ``functions`` (``Module.parameters()`` order; a parameter
+    reached twice is listed twice). Read from the modules' own dictionaries at every call, so that
+    substituted parameters (``functional_call``) are seen, without ``named_modules``' generators."""
+    found: list[Tensor] = []
+    pending = [f for f in reversed(functions) if isinstance(f, nn.Module)]
+    while pending:
+        module = pending.pop()
+        found.extend(p for p in module._parameters.values() if p is not None)
+        pending.extend(m for m in reversed(module._modules.values()) if m is not None)
+    return tuple(found)
 
 
 class _ReversibleFunction(torch.autograd.Function):

@@ -27,14 +27,7 @@ def accelerator_devices(tensors: Iterable[Tensor]) -> tuple[torch.device, ...]:
 
 
 _MASK64 = (1 << 64) - 1
-
-
-def _mix(value: int) -> int:
-    """The splitmix64 finaliser: spreads nearby integers (layer numbers) over unrelated seeds."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
+_GOLDEN = 0x9E3779B97F4A7C15  # odd: (layer, update) ↦ seed is one-to-one on the low 32 bits the CPU generator uses
 
 
 @dataclass(frozen=True)
@@ -44,7 +37,7 @@ class LayerSeeds:
     A stack call that records a graph draws one integer ``base`` from the caller's CPU generator
     (:meth:`draw`). Inside :meth:`forked` (the caller's generators are restored on exit, so the
     caller sees exactly that one draw), update ``j`` of layer ``k`` runs after :meth:`seed` has seeded
-    the CPU generator and those of ``devices`` with ``mix(base, k, j)``. Replaying the update in the
+    the CPU generator and those of ``devices`` with a seed computed from ``base``, ``k`` and ``j``. Replaying the update in the
     backward only takes seeding again: the bookkeeping is one integer per stack call, whatever the
     depth, instead of a generator snapshot (5 KB for the CPU generator) per layer. Every mode of the
     engine (autograd, checkpoint, reversible, exact) follows this protocol, so they draw the same
@@ -67,7 +60,7 @@ class LayerSeeds:
 
     def seed(self, layer: int, update: int) -> None:
         """Seed the generators for update ``update`` of layer ``layer`` (inside :meth:`forked`)."""
-        seed = _mix(self.base ^ _mix((layer << 8) | update))
+        seed = (self.base + ((layer << 8) | update) * _GOLDEN) & _MASK64
         torch.default_generator.manual_seed(seed)
         for device in self.devices:
             module = _device_module(device)

@@ -54,12 +54,16 @@ class Update:
             invertible. A Python number or a 0-dim tensor (learnable).
         gain: the factor ``c`` applied to the increment (a Python number or a 0-dim tensor). Kept
             apart from ``u`` so that ``a·s + c·u`` runs as one fused kernel when both are numbers.
+        calls_functions: whether ``u`` calls the layer's functions (``False`` for an update that adds
+            another component, such as ``x ← x + v``): only those may draw random numbers, so only
+            those have their generators seeded for replay.
     """
 
     target: int
     update: UpdateFn
     scale: Scale = 1.0
     gain: Scale = 1.0
+    calls_functions: bool = True
 
     def increment(
         self,
