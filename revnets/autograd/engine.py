@@ -112,6 +112,11 @@ class _FloatArithmetic:
         return component
 
     @staticmethod
+    def copy_increment(update: Update, tensors: tuple[Tensor, ...]) -> Tensor:
+        """The increment of an update that adds a component (``Update.copy``): that component."""
+        return tensors[update.source]
+
+    @staticmethod
     def apply(j: int, update: Update, old: Tensor, buffer: None, increment: Tensor, where: str):
         return update.combine(old, increment), buffer
 
@@ -172,13 +177,25 @@ class _FixedPointArithmetic:
     def view(self, component: Tensor) -> Tensor:
         return dequantize(component, self.frac_bits, self.dtype)
 
+    def copy_increment(self, update: Update, tensors: tuple[Tensor, ...]) -> Tensor:
+        """The increment of an update that adds a component (``Update.copy``): with an integer gain, the
+        fixed-point integers themselves times the gain (exact, no dequantise/quantise round trip);
+        otherwise the component's floating-point view, quantised with the gain as any increment."""
+        gain = update.gain
+        if not isinstance(gain, Tensor) and float(gain).is_integer():
+            source = tensors[update.source]
+            return source if gain == 1 else source * int(gain)
+        return self.view(tensors[update.source])
+
     def _quantized(self, update: Update, increment: Tensor, where: str) -> Tensor:
-        gained = update.gained(increment.detach().to(self.dtype))
-        return quantize(gained, self.frac_bits, what=f"the output of a function at {where}")
+        if increment.dtype == torch.int64:  # already exact (copy_increment)
+            return increment
+        return quantize(increment.detach().to(self.dtype), self.frac_bits, gain=update.gain,
+                        what=f"the output of a function at {where}")
 
     def apply(self, j: int, update: Update, old: Tensor, buffer: InformationBuffer, increment: Tensor, where: str):
         if self.ratios[j] != 1:
-            old, buffer = scale_exact(old, self.ratios[j], buffer)
+            old, buffer = scale_exact(old, self.ratios[j], buffer, input_in_range=True)  # every state is checked
         new = old + self._quantized(update, increment, where)
         check_range(new, what=f"the state after {where}")
         return new, buffer
@@ -250,10 +267,13 @@ def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithme
         where = f"layer {k}"
         for j, update in enumerate(step.updates):
             t = update.target
-            views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
-            if seeds is not None and update.calls_functions:
-                seeds.seed(k, j)
-            increment = update.increment(views, functions, args, kwargs, where=where)
+            if update.source is not None:
+                increment = arithmetic.copy_increment(update, tensors)
+            else:
+                views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
+                if seeds is not None:
+                    seeds.seed(k, j)
+                increment = update.increment(views, functions, args, kwargs, where=where)
             new, buffer = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
             tensors, buffers = _replace(tensors, t, new), _replace(buffers, t, buffer)
         tensors, buffers = step.permute(tensors), step.permute(buffers)
@@ -274,8 +294,11 @@ def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic):
         for j in reversed(range(len(step.updates))):
             update = step.updates[j]
             t = update.target
-            views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
-            increment = update.increment(views, layers[k], args, kwargs, where=where)
+            if update.source is not None:
+                increment = arithmetic.copy_increment(update, tensors)
+            else:
+                views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
+                increment = update.increment(views, layers[k], args, kwargs, where=where)
             increments.append(increment)
             old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
             tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
@@ -319,22 +342,27 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
             if k == 0 and kept_input is not None:
                 pending = {u.target for u in step.updates[: j + 1]}
                 tensors = tuple(c if i in pending else kept_input[i] for i, c in enumerate(tensors))
-            others = [i for i in range(len(tensors)) if i != t]
-            if update.calls_functions:
-                seeds.seed(k, j)
-            with torch.enable_grad():
-                leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors))
-                increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
-                gained = update.gain * increment if _is_learnable(update.gain) else None
-            increments.append(increment.detach())
-            old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment.detach(), where)
-            # s_t' = a·s_t + u(others): the gradient of s_t is a·g; u and a (if learnable) get VJPs.
             g = grads[t]
-            copied = next((i for i in others if increment is leaves[i]), None)
-            if copied is not None and gained is None and not _is_learnable(update.scale):
-                # u returns a state component unchanged (x <- x + v): its VJP is gain·g.
-                grads = _replace(grads, copied, _add(grads[copied], update.gain_gradient(g)))
+            # s_t' = a·s_t + c·u(others): the gradient of s_t is a·g; u and a, c (if learnable) get VJPs.
+            if update.source is not None and not _is_learnable(update.gain) and not _is_learnable(update.scale):
+                # u = s[source] (x <- x + v): no function to re-evaluate, its VJP is c·g
+                increment = arithmetic.copy_increment(update, tensors)
+                increments.append(increment)
+                old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
+                grads = _replace(grads, update.source, _add(grads[update.source], update.gain_gradient(g)))
             else:
+                others = [i for i in range(len(tensors)) if i != t]
+                if update.calls_functions:
+                    seeds.seed(k, j)
+                with torch.enable_grad():
+                    leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_()
+                                   for i, c in enumerate(tensors))
+                    increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
+                    gained = update.gain * increment if _is_learnable(update.gain) else None
+                value = increment.detach()
+                increments.append(value)
+                if _is_learnable(update.scale):  # its VJP reads the old value
+                    old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
                 if gained is not None:
                     outputs, output_grads = [gained], [g]
                 else:
@@ -344,12 +372,15 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                     output_grads.append((g * arithmetic.view(old)).sum().to(update.scale.dtype))
                 inputs = [*(leaves[i] for i in others), *layer_params, *(arg_leaves[i] for i in trainable_args)]
                 results = list(torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True))
+                del outputs, output_grads, gained, increment, leaves  # the graph is freed before the undo
                 for i in others:
                     grads = _replace(grads, i, _add(grads[i], results.pop(0)))
                 for i in run.layer_params[k]:
                     param_grads[i] = _add(param_grads[i], results.pop(0))
                 for i in trainable_args:
                     arg_grads[i] = _add(arg_grads[i], results.pop(0))
+                if not _is_learnable(update.scale):
+                    old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
             grads = _replace(grads, t, update.scale_gradient(g))
             tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
         arithmetic.check_finite(tensors, increments, where, "when re-evaluated in the backward")

@@ -54,16 +54,26 @@ class Update:
             invertible. A Python number or a 0-dim tensor (learnable).
         gain: the factor ``c`` applied to the increment (a Python number or a 0-dim tensor). Kept
             apart from ``u`` so that ``a·s + c·u`` runs as one fused kernel when both are numbers.
-        calls_functions: whether ``u`` calls the layer's functions (``False`` for an update that adds
-            another component, such as ``x ← x + v``): only those may draw random numbers, so only
-            those have their generators seeded for replay.
+        source: for an update that adds another component, ``u(s) = s[source]`` (such as
+            ``x ← x + v``), that component's index (build it with :meth:`copy`): the engine then
+            calls no function, seeds no generator and, in fixed point, adds the integers themselves.
     """
 
     target: int
     update: UpdateFn
     scale: Scale = 1.0
     gain: Scale = 1.0
-    calls_functions: bool = True
+    source: int | None = None
+
+    @classmethod
+    def copy(cls, target: int, source: int, *, scale: Scale = 1.0, gain: Scale = 1.0) -> Update:
+        """``s[target] <- scale * s[target] + gain * s[source]``."""
+        return cls(target, lambda s, fns, a, k: s[source], scale=scale, gain=gain, source=source)
+
+    @property
+    def calls_functions(self) -> bool:
+        """Whether ``u`` calls the layer's functions (only those may draw random numbers)."""
+        return self.source is None
 
     def increment(
         self,

@@ -20,6 +20,6 @@ def momentum_step(gamma: Scale) -> Step:
     return Step(
         (
             Update(1, lambda s, fns, a, k: fns[0](s[0], *a, **k), scale=gamma, gain=1 - gamma),
-            Update(0, lambda s, fns, a, k: s[1], calls_functions=False),
+            Update.copy(0, 1),
         )
     )

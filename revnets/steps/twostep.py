@@ -30,7 +30,7 @@ def leapfrog_step(h: float) -> Step:
     return Step(
         (
             Update(0, lambda s, fns, a, k: fns[0](s[1], *a, **k), scale=-1.0, gain=-h * h),
-            Update(0, lambda s, fns, a, k: s[1], gain=2.0, calls_functions=False),
+            Update.copy(0, 1, gain=2.0),
         ),
         order=_SWAP,
     )
