@@ -428,6 +428,16 @@ class _Run:
         return pytree.tree_unflatten(leaves, self.arg_spec)
 
 
+def _sharded_functions(stack: Stack) -> bool:
+    """Whether a module inside ``stack``'s functions is an FSDP2 unit (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for fns in stack.layers for f in fns if isinstance(f, nn.Module)
+               for m in f.modules())
+
+
 def _substituted_parameters(mode: str) -> RuntimeError:
     return RuntimeError(
         f"the parameters of the {mode} stack's functions are not the tensors its forward used (substituted with "
@@ -510,6 +520,13 @@ class _ReversibleFunction(torch.autograd.Function):
                 run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.seeds, kept_input
             )
         offset = 1 + run.n_state
+        if any(g is None for g in param_grads) and _sharded_functions(run.stack):
+            raise RuntimeError(
+                "a function of this reversible stack is its own FSDP unit (fully_shard applied inside the stack): "
+                "FSDP swaps in gathered parameters for the backward's recomputation and reduces only their .grad, "
+                "so the parameters the engine recorded would silently get no gradient; shard the whole stack "
+                "instead (fully_shard(net) on the reversible network, as revnets.training.fsdp does)"
+            )
         state_grads = [g if ctx.needs_input_grad[1 + i] else None for i, g in enumerate(state_grads)]
         arg_grads = [g if ctx.needs_input_grad[offset + i] else None for i, g in enumerate(arg_grads)]
         offset += len(arg_tensors)
