@@ -125,9 +125,3 @@ def test_cli_fine_tunes_on_an_image_folder(tmp_path):
 def test_cli_reports_bad_input():
     result = CliRunner().invoke(app, ["train", "--model", "resnet18", "--dataset", "cubic"])
     assert result.exit_code != 0 and "regression task" in result.output
-
-
-def test_cli_demo_runs():
-    result = CliRunner().invoke(app, ["demo", "--steps", "3"])
-    assert result.exit_code == 0, result.output
-    assert "Momentum ResNet" in result.output and "test acc" in result.output

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from .reproduce import demo
+from .reproduce import demo, reproduce
 from .train import train
 
 app = typer.Typer(help="Reversible residual networks: train, reproduce the papers, compare.", no_args_is_help=True)
 app.command()(demo)
+app.command()(reproduce)
 app.command()(train)

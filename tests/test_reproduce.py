@@ -1,0 +1,104 @@
+"""``revnets reproduce NAME`` and ``revnets demo``: every experiment end to end under ``--smoke``,
+the results.json schema, and the errors for bad names and missing data directories."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from revnets.cli.app import app
+from revnets.experiments import get_experiment, list_experiments, load_results, reproduce
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXPECTED = ["rings", "cubic", "linear", "l2o", "memory", "gamma", "small-data", "deep", "finetune", "cifar"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_record(record: dict, name: str, out) -> None:
+    """The results.json contract: provenance fields and ``summary.<network>.{metric, mean, std, per_seed}``."""
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == record
+    for key in ("claim", "config", "seeds", "environment", "git_commit", "wall_time_s", "summary", "figure"):
+        assert key in record, key
+    assert record["experiment"] == name and record["claim"] == get_experiment(name).claim
+    assert record["git_commit"] is None or len(record["git_commit"]) == 40
+    assert {"torch", "python", "platform", "threads", "device"} <= set(record["environment"])
+    assert record["seeds"] == list(range(record["config"]["seeds"]))
+    assert record["wall_time_s"] > 0
+    assert record["summary"], "empty summary"
+    for network, entry in record["summary"].items():
+        assert set(entry) == {"metric", "mean", "std", "per_seed"}, network
+        assert isinstance(entry["metric"], str) and entry["metric"]
+        assert len(entry["per_seed"]) >= 1
+        assert all(v is None or math.isfinite(v) for v in entry["per_seed"])
+        for value in (entry["mean"], entry["std"]):
+            assert value is None or math.isfinite(value)
+    figure = out / record["figure"]
+    assert figure.suffix == ".png" and figure.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_registry_names_are_the_issues():
+    assert list_experiments() == EXPECTED
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_every_experiment_runs_under_smoke(name, tmp_path):
+    record = reproduce(name, tmp_path, smoke=True)
+    check_record(record, name, tmp_path)
+    # the figure can be redrawn from results.json alone
+    redrawn = get_experiment(name).plot(load_results(tmp_path / "results.json"), tmp_path / "again")
+    assert redrawn.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_reproduce_rings_two_rings(tmp_path):
+    result = CliRunner().invoke(app, ["reproduce", "rings", "--smoke", "--rings", "2", "--seeds", "1",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["rings"] == 2 and record["seeds"] == [0]
+    assert set(record["summary"]) == {"resnet", "momentum"}
+    assert record["command"].startswith("revnets reproduce rings")
+    assert "test_accuracy" in result.output and "resnet" in result.output
+
+
+def test_cli_help_lists_every_experiment_and_claim():
+    result = CliRunner().invoke(app, ["reproduce", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for name in EXPECTED:
+        assert f"{name}:" in text
+    assert "Nested rings" in text
+
+
+def test_unknown_experiment_lists_the_valid_ones():
+    result = CliRunner().invoke(app, ["reproduce", "ringz", "--smoke"], env={"COLUMNS": "300"})
+    assert result.exit_code != 0
+    text = " ".join(result.output.split())
+    assert "unknown experiment 'ringz'" in text
+    assert "valid experiments: " + ", ".join(EXPECTED) in text
+    with pytest.raises(ValueError, match="valid experiments: rings, cubic"):
+        get_experiment("nope")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["cifar"], "cifar-10-batches-py"),
+    (["finetune"], "<dir>/train/<class name>"),
+    (["cifar", "--smoke", "--data-dir", "MISSING"], "cifar-100-python"),
+    (["small-data", "--smoke", "--data-dir", "MISSING"], "stl10_binary"),
+    (["rings", "--smoke", "--rings", "3"], "--rings must be 2 or 4"),
+    (["cubic", "--smoke", "--rings", "2"], "does not take --rings"),
+])
+def test_bad_settings_say_what_is_expected(args, expected, tmp_path):
+    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    result = CliRunner().invoke(app, ["reproduce", *args, "--out", str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert result.exit_code != 0
+    assert expected in " ".join(result.output.split())
+
+
+def test_cli_demo_runs(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "momentum" in result.output and "test_accuracy" in result.output
+    assert (tmp_path / "rings.png").exists() and (tmp_path / "results.json").exists()
