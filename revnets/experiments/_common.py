@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..memory import StorageTracker
+from ..training.devices import resolve_device as resolve_device  # noqa: F401  (the trainer's device rule and errors)
 from ..nn import MomentumNet
 
 
@@ -32,13 +33,6 @@ def threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA if available else CPU; otherwise ``device`` itself."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def step_decay(step: int, total: int, milestones: Sequence[tuple[float, float]] = ()) -> float:
