@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..memory import StorageTracker
+from ..training.data import crop_flip
 from ..training.devices import resolve_device as resolve_device  # noqa: F401  (the trainer's device rule and errors)
 from ..nn import MomentumNet
 
@@ -99,22 +100,6 @@ def stratified_subset(labels: Tensor, fraction: float, generator: torch.Generato
     return torch.cat(chosen).sort().values
 
 
-def crop_and_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
-    """The CIFAR augmentation on a batch ``(B, C, H, W)``: random crop after zero padding, random horizontal flip."""
-    batch, _, height, width = x.shape
-    padded = nn.functional.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
-    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(width))[:, None, None, :]  # (B, 1, 1, W)
-    index = torch.arange(batch)[:, None, None, None]
-    channel = torch.arange(x.shape[1])[None, :, None, None]
-    out = padded[index, channel, rows.to(x.device), cols.to(x.device)]
-    flip = torch.rand(batch, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
 @dataclass
 class TrainSettings:
     """One classification training run: SGD with momentum and a cosine (or constant) learning rate."""
@@ -172,7 +157,7 @@ def train_classifier(
             position += batch_size
             x, y = x_all[index], y_all[index]
             if settings.augment:
-                x = crop_and_flip(x, generator)
+                x = crop_flip(x, generator)
             factor = cosine(step, settings.steps) if settings.schedule == "cosine" else 1.0
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * factor
