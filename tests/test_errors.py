@@ -326,6 +326,65 @@ def test_diverged_weights_name_the_first_layer_that_produced_nan(arch):
         out.sum().backward()
 
 
+class NaNFromCall(nn.Module):
+    """``tanh(linear(x))``, NaN from call ``nan_from`` on (calls are counted across forward and backward)."""
+
+    def __init__(self, nan_from: int):
+        super().__init__()
+        self.calls, self.nan_from = 0, nan_from
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.calls += 1
+        y = torch.tanh(self.linear(x))
+        return y * math.nan if self.calls >= self.nan_from else y
+
+
+@pytest.mark.parametrize("bad", [0, 5, 13, 19])
+def test_deep_stacks_name_the_exact_layer_whatever_the_check_interval(bad):
+    """The forward checks only its output and the backward every few layers (non-finite values never leave a
+    state); the layer named is still the exact one, in the forward and in the backward."""
+    depth = 20
+    functions = [small(4) for _ in range(depth)]
+    functions[bad] = NaNFromCall(nan_from=1)  # NaN already in the forward
+    out = revnets.MomentumNet(functions, gamma=0.9)(torch.randn(2, 4, requires_grad=True))
+    with pytest.raises(FloatingPointError, match=rf"forward already produced it \(the state first became non-finite at "
+                       rf"layer {bad} "):
+        out.sum().backward()
+    functions[bad] = NaNFromCall(nan_from=2)  # finite in the forward, NaN when the backward re-evaluates it
+    out = revnets.MomentumNet(functions, gamma=0.9)(torch.randn(2, 4, requires_grad=True))
+    with pytest.raises(FloatingPointError, match=rf"^layer {bad}: a function returned a non-finite .* re-evaluated"):
+        out.sum().backward()
+
+
+def test_amplified_reconstruction_in_the_backward_names_the_layer_inversion_names():
+    torch.manual_seed(0)
+    net = revnets.MomentumNet([nn.Tanh() for _ in range(20)], gamma=1e-10)  # overflows at layer 6
+    out_state = net.forward_state(net.init_state(torch.randn(2, 3).requires_grad_()))
+    with pytest.raises(FloatingPointError, match="amplified") as inverting:
+        net.inverse_state(tuple(s.detach() for s in out_state))
+    layer = re.search(r"inverting (layer \d+)", str(inverting.value)).group(1)
+    with pytest.raises(FloatingPointError, match=rf"non-finite value met while inverting {layer}:.*amplified"):
+        sum(s.sum() for s in out_state).backward()
+
+
+def test_locating_a_forward_nan_leaves_running_statistics_and_generator_alone():
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(4)
+    functions = [nn.Sequential(nn.Linear(4, 4), norm, nn.Dropout(0.5)) for _ in range(3)] + [NaNFromCall(1)]
+    net = revnets.MomentumNet(functions, gamma=0.9)
+    x = torch.randn(8, 4, requires_grad=True)
+    torch.manual_seed(1)
+    out = net(x)
+    after_forward = torch.get_rng_state()
+    assert int(norm.num_batches_tracked) == 3
+    reference = revnets.MomentumNet(functions[:3], gamma=0.9)
+    torch.manual_seed(1)
+    reference(x)
+    assert torch.equal(after_forward, torch.get_rng_state())
+    assert torch.isnan(out).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # exact mode
 

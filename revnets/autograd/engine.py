@@ -125,18 +125,24 @@ class _FloatArithmetic:
         return update.uncombine(new, increment), buffer
 
     @staticmethod
-    def check_finite(tensors: tuple[Tensor, ...], increments: list[Tensor], where: str, during: str) -> None:
-        """Raise if a reconstructed state holds NaN or inf (one reduction per component), saying why.
-
-        ``increments``: the function values the reconstruction used; if one of them is non-finite, the
-        function returned it (on finite inputs, since the state was checked one layer earlier), otherwise
-        the reconstruction itself was amplified to overflow. ``during``: "while inverting" or
-        "when re-evaluated in the backward".
-        """
+    def all_finite(tensors: tuple[Tensor, ...]) -> bool:
+        """Whether every component is free of NaN/inf: one float32 sum per component and one
+        synchronisation (an exact per-element test only if the sum overflowed)."""
         total = tensors[0].sum()
         for component in tensors[1:]:
             total = total + component.sum()
-        if torch.isfinite(total) or all(torch.isfinite(c).all() for c in tensors):  # one synchronisation
+        return bool(torch.isfinite(total)) or all(bool(torch.isfinite(c).all()) for c in tensors)
+
+    @classmethod
+    def check_finite(cls, tensors: tuple[Tensor, ...], increments: list[Tensor], where: str, during: str) -> None:
+        """Raise if a reconstructed state holds NaN or inf, saying why.
+
+        ``increments``: the function values the reconstruction used; if one of them is non-finite, the
+        function returned it (on finite inputs, since the state was finite one layer earlier), otherwise
+        the reconstruction itself was amplified to overflow. ``during``: "while inverting" or
+        "when re-evaluated in the backward".
+        """
+        if cls.all_finite(tensors):
             return
         if any(not torch.isfinite(u).all() for u in increments):
             raise FloatingPointError(
@@ -151,15 +157,6 @@ class _FloatArithmetic:
             "errors exponentially with depth); use a larger γ, fewer layers or float64, or exact=True, which "
             "inverts bit for bit"
         )
-
-    @staticmethod
-    def record_finite(tensors: tuple[Tensor, ...], record: list[Tensor]) -> None:
-        """Append one float64 sum of the state (no synchronisation): non-finite iff the state is, for any
-        float32 values and float64 values below 1e300."""
-        total = tensors[0].sum(dtype=torch.float64)
-        for component in tensors[1:]:
-            total = total + component.sum(dtype=torch.float64)
-        record.append(total)
 
 
 @dataclass(frozen=True)
@@ -205,6 +202,11 @@ class _FixedPointArithmetic:
         if self.ratios[j] != 1:
             old, buffer = unscale_exact(old, self.ratios[j], buffer)
         return old, buffer
+
+    @staticmethod
+    def all_finite(tensors: tuple[Tensor, ...]) -> bool:
+        """Integers are always finite; non-finite increments are caught by :func:`quantize`."""
+        return True
 
     @staticmethod
     def check_finite(tensors: tuple[Tensor, ...], increments: list[Tensor], where: str, during: str) -> None:
@@ -255,13 +257,11 @@ def _replace(values: tuple, index: int, value: Any) -> tuple:
     return values[:index] + (value,) + values[index + 1 :]
 
 
-def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithmetic, seeds: LayerSeeds | None = None,
-                    finite_record: list[Tensor] | None = None):
+def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithmetic, seeds: LayerSeeds | None = None):
     """Run ``layers`` (numbered from ``first``) forward.
 
     ``seeds``: seed the generators before each update (inside ``seeds.forked()``, which the caller
-    enters). ``finite_record``: receives a value per layer that is non-finite iff the state after that
-    layer is (see :meth:`_FloatArithmetic.record_finite`), to name the first layer that produced NaN/inf.
+    enters).
     """
     for k, functions in enumerate(layers, start=first):
         where = f"layer {k}"
@@ -277,17 +277,18 @@ def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithme
             new, buffer = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
             tensors, buffers = _replace(tensors, t, new), _replace(buffers, t, buffer)
         tensors, buffers = step.permute(tensors), step.permute(buffers)
-        if finite_record is not None:
-            arithmetic.record_finite(tensors, finite_record)
     return tensors, buffers
 
 
-def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic):
-    """Reconstruct the input state of ``layers`` from their output state (no graph)."""
-    if not all(torch.isfinite(c).all() for c in tensors):
+def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic, *, first: int = 0,
+                    seeds: LayerSeeds | None = None, during: str = "while inverting"):
+    """Reconstruct the input state of ``layers`` (numbered from ``first``) from their output state (no
+    graph), checking the state after every layer. ``seeds``: replay the forward's random numbers (inside
+    ``seeds.forked()``); ``during``: how error messages name the evaluation."""
+    if not arithmetic.all_finite(tensors):
         raise FloatingPointError("the state to invert holds NaN/inf: no input can be reconstructed from it (the "
                                  "forward that produced it already went wrong)")
-    for k in reversed(range(len(layers))):
+    for k in reversed(range(first, first + len(layers))):
         where = f"layer {k}"
         tensors, buffers = step.unpermute(tensors), step.unpermute(buffers)
         increments = []
@@ -298,20 +299,37 @@ def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic):
                 increment = arithmetic.copy_increment(update, tensors)
             else:
                 views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
-                increment = update.increment(views, layers[k], args, kwargs, where=where)
+                if seeds is not None:
+                    seeds.seed(k, j)
+                increment = update.increment(views, layers[k - first], args, kwargs, where=where)
             increments.append(increment)
             old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
             tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
-        arithmetic.check_finite(tensors, increments, where, "while inverting")
+        arithmetic.check_finite(tensors, increments, where, during)
     return tensors, buffers
 
 
-def _first_non_finite(finite_record: Tensor) -> str:
-    """Where the forward first produced NaN/inf, from the flags of (input, layer 0, layer 1, ...)."""
-    first = int((~finite_record).nonzero()[0, 0])
-    if first == 0:
+# Non-finite values never leave a state: an update ``s_i <- a·s_i + c·u`` with ``a != 0`` keeps NaN/inf in
+# ``s_i`` (inf + finite = inf, inf − inf = NaN), and so does its inverse ``(s_i − c·u)/a``. A run whose last
+# state is finite therefore had finite states throughout: the forward checks only its output, and the
+# backward checks its reconstruction every ``_CHECK_EVERY`` layers; only once NaN/inf was found are the
+# layers in between run again, checked one by one, to name the first that produced it.
+_CHECK_EVERY = 8
+
+
+def _first_non_finite_layer(step, layers, state, args, kwargs, seeds: LayerSeeds) -> str:
+    """Where a floating-point forward whose output holds NaN/inf first produced it: run it again from
+    its input ``state`` (with the same random numbers, inside ``seeds.forked()``), checking every layer."""
+    arithmetic = _FloatArithmetic()
+    if not arithmetic.all_finite(state):
         return "the stack's input already holds NaN/inf"
-    return f"the state first became non-finite at layer {first - 1} (a function returned NaN/inf or the state overflowed)"
+    tensors, buffers = state, (None,) * len(state)
+    for k, functions in enumerate(layers):
+        tensors, buffers = _forward_layers(step, (functions,), k, tensors, buffers, args, kwargs, arithmetic, seeds)
+        if not arithmetic.all_finite(tensors):
+            return f"the state first became non-finite at layer {k} (a function returned NaN/inf or the state overflowed)"
+    return ("its output held NaN/inf, but a second run of the same forward did not: a function is not deterministic "
+            "(randomness from outside torch's generators, or state changed by the first run)")
 
 
 def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, seeds, kept_input=None):
@@ -328,6 +346,7 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
     arg_grads: list[Tensor | None] = [None] * len(arg_leaves)
     trainable_args = [i for i, a in enumerate(arg_leaves) if a.requires_grad]
     step = None
+    checked = (len(stack.layers), tensors, buffers)  # the last state found finite, and the layer it enters
     for k in reversed(range(len(stack.layers))):
         where = f"layer {k}"
         if step is None or stack.coefficients:  # learnable coefficients enter each layer's graph afresh
@@ -335,7 +354,6 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                 step = stack.step()
         layer_params = [run.params[i] for i in run.layer_params[k]]
         tensors, buffers, grads = step.unpermute(tensors), step.unpermute(buffers), step.unpermute(grads)
-        increments = []
         for j in reversed(range(len(step.updates))):
             update = step.updates[j]
             t = update.target
@@ -347,7 +365,6 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
             if update.source is not None and not _is_learnable(update.gain) and not _is_learnable(update.scale):
                 # u = s[source] (x <- x + v): no function to re-evaluate, its VJP is c·g
                 increment = arithmetic.copy_increment(update, tensors)
-                increments.append(increment)
                 old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
                 grads = _replace(grads, update.source, _add(grads[update.source], update.gain_gradient(g)))
             else:
@@ -360,7 +377,6 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                     increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
                     gained = update.gain * increment if _is_learnable(update.gain) else None
                 value = increment.detach()
-                increments.append(value)
                 if _is_learnable(update.scale):  # its VJP reads the old value
                     old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
                 if gained is not None:
@@ -383,7 +399,12 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                     old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
             grads = _replace(grads, t, update.scale_gradient(g))
             tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
-        arithmetic.check_finite(tensors, increments, where, "when re-evaluated in the backward")
+        if k % _CHECK_EVERY == 0:
+            if not arithmetic.all_finite(tensors):  # re-invert from the last finite state to name the layer
+                end, finite_tensors, finite_buffers = checked
+                _inverse_layers(step, stack.layers[k:end], finite_tensors, finite_buffers, args, kwargs, arithmetic,
+                                first=k, seeds=seeds, during="when re-evaluated in the backward")
+            checked = (k, tensors, buffers)
     return grads, arg_grads, param_grads
 
 
@@ -478,14 +499,14 @@ class _ReversibleFunction(torch.autograd.Function):
             exact = ExactState.from_float(state, run.frac_bits)
             arithmetic = _FixedPointArithmetic.for_step(step, run.frac_bits, exact.dtype)
             tensors, buffers = exact.tensors, exact.buffers
-        record = [] if run.frac_bits is None else None
-        if record is not None:
-            arithmetic.record_finite(tensors, record)
         with ctx.seeds.forked():
-            tensors, buffers = _forward_layers(
-                step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic, ctx.seeds, record
-            )
-        ctx.finite = None if record is None else torch.isfinite(torch.stack(record))  # one byte per layer
+            tensors, buffers = _forward_layers(step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic,
+                                               ctx.seeds)
+            ctx.non_finite = None
+            if not arithmetic.all_finite(tensors):
+                with preserved_running_stats(run.norm_modules):
+                    ctx.non_finite = _first_non_finite_layer(step, run.stack.layers, tuple(state), args, kwargs,
+                                                             ctx.seeds)
         ctx.arithmetic, ctx.buffers = arithmetic, buffers
         ctx.save_for_backward(*tensors, *arg_tensors, *(state if run.keep_input else ()))
         return tuple(arithmetic.view(c) for c in tensors)
@@ -496,10 +517,10 @@ class _ReversibleFunction(torch.autograd.Function):
         run: _Run = ctx.run
         if run.parameters_changed():
             raise _substituted_parameters("reversible")
-        if ctx.finite is not None and not ctx.finite.all():
+        if ctx.non_finite is not None:
             raise FloatingPointError(
                 f"non-finite value (NaN/inf) in the backward of a reversible stack: the forward already produced it "
-                f"({_first_non_finite(ctx.finite)}); this is not an inversion error. Check the input and the weights "
+                f"({ctx.non_finite}); this is not an inversion error. Check the input and the weights "
                 "(a diverging learning rate makes them non-finite)"
             )
         saved = ctx.saved_tensors
