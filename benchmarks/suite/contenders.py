@@ -74,19 +74,35 @@ def _hamiltonian_step(f, g, y, z):
 
 
 class Compiled(nn.Module):
-    """``torch.compile`` of the loop, compiled (and run) under an activation memory budget."""
+    """``torch.compile`` of the loop, compiled (and run) under an activation memory budget.
+
+    The budget is read when the graph is partitioned, at the first call, and is not among Dynamo's
+    guards: loops of the same structure would share the first budget's compiled graph. So the budget
+    is also an attribute the compiled forward reads (:class:`_BudgetedLoop`), which Dynamo guards on:
+    each budget gets its own graph.
+    """
 
     def __init__(self, stack: Stack, budget: float, backend: str):
         super().__init__()
-        self.loop = SchemeLoop(stack)
-        self.budget = budget
+        self.loop = _BudgetedLoop(SchemeLoop(stack), budget)
         self.compiled = torch.compile(self.loop, backend=backend)
 
     def forward(self, x: Tensor) -> Tensor:
         import torch._functorch.config as functorch_config
 
-        with functorch_config.patch(activation_memory_budget=self.budget):
+        with functorch_config.patch(activation_memory_budget=self.loop.budget):
             return self.compiled(x)
+
+
+class _BudgetedLoop(nn.Module):
+    def __init__(self, loop: SchemeLoop, budget: float):
+        super().__init__()
+        self.loop, self.budget = loop, budget
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.budget < 0:  # never: makes Dynamo guard on the budget's value
+            raise ValueError("activation_memory_budget must be in [0, 1]")
+        return self.loop(x)
 
 
 @dataclass
