@@ -263,6 +263,8 @@ def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithme
     ``seeds``: seed the generators before each update (inside ``seeds.forked()``, which the caller
     enters).
     """
+    float_state = type(arithmetic) is _FloatArithmetic  # the functions see the state itself
+    tensors, buffers = list(tensors), list(buffers)
     for k, functions in enumerate(layers, start=first):
         where = f"layer {k}"
         for j, update in enumerate(step.updates):
@@ -270,14 +272,14 @@ def _forward_layers(step, layers, first, tensors, buffers, args, kwargs, arithme
             if update.source is not None:
                 increment = arithmetic.copy_increment(update, tensors)
             else:
-                views = tuple(c if i == t else arithmetic.view(c) for i, c in enumerate(tensors))
+                views = tensors if float_state else [c if i == t else arithmetic.view(c) for i, c in enumerate(tensors)]
                 if seeds is not None:
                     seeds.seed(k, j)
                 increment = update.increment(views, functions, args, kwargs, where=where)
-            new, buffer = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
-            tensors, buffers = _replace(tensors, t, new), _replace(buffers, t, buffer)
-        tensors, buffers = step.permute(tensors), step.permute(buffers)
-    return tensors, buffers
+            tensors[t], buffers[t] = arithmetic.apply(j, update, tensors[t], buffers[t], increment, where)
+        if step.order is not None:
+            tensors, buffers = list(step.permute(tensors)), list(step.permute(buffers))
+    return tuple(tensors), tuple(buffers)
 
 
 def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic, *, first: int = 0,
@@ -332,6 +334,31 @@ def _first_non_finite_layer(step, layers, state, args, kwargs, seeds: LayerSeeds
             "(randomness from outside torch's generators, or state changed by the first run)")
 
 
+@dataclass(frozen=True)
+class _BackwardUpdate:
+    """What the backward needs to know of update ``index`` of a step, worked out once per backward."""
+
+    update: Update
+    index: int
+    others: tuple[int, ...]
+    """The components ``u`` reads (all but the target)."""
+    copies: bool
+    """``u`` adds another component with constant scale and gain: nothing to re-evaluate, its VJP is ``c·g``."""
+    learnable_scale: bool
+    learnable_gain: bool
+
+    @classmethod
+    def plan(cls, step: Step, n_state: int) -> tuple[_BackwardUpdate, ...]:
+        """The updates of ``step`` in the order the backward undoes them (last first)."""
+        plans = []
+        for j, u in enumerate(step.updates):
+            learnable_scale, learnable_gain = _is_learnable(u.scale), _is_learnable(u.gain)
+            plans.append(cls(u, j, tuple(i for i in range(n_state) if i != u.target),
+                             u.source is not None and not learnable_scale and not learnable_gain,
+                             learnable_scale, learnable_gain))
+        return tuple(reversed(plans))
+
+
 def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, seeds, kept_input=None):
     """The memory-free backward: invert layer by layer, one evaluation of each function.
 
@@ -345,67 +372,71 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
     param_grads: list[Tensor | None] = [None] * len(run.params)
     arg_grads: list[Tensor | None] = [None] * len(arg_leaves)
     trainable_args = [i for i, a in enumerate(arg_leaves) if a.requires_grad]
-    step = None
-    checked = (len(stack.layers), tensors, buffers)  # the last state found finite, and the layer it enters
+    step = plans = None
+    tensors, buffers, grads = list(tensors), list(buffers), list(grads)
+    checked = (len(stack.layers), tuple(tensors), tuple(buffers))  # the last state found finite, the layer it enters
     for k in reversed(range(len(stack.layers))):
         where = f"layer {k}"
         if step is None or stack.coefficients:  # learnable coefficients enter each layer's graph afresh
             with torch.enable_grad():
                 step = stack.step()
-        layer_params = [run.params[i] for i in run.layer_params[k]]
-        tensors, buffers, grads = step.unpermute(tensors), step.unpermute(buffers), step.unpermute(grads)
-        for j in reversed(range(len(step.updates))):
-            update = step.updates[j]
-            t = update.target
+            plans = _BackwardUpdate.plan(step, len(tensors))
+        layer_param_indices = run.layer_params[k]
+        if step.order is not None:
+            tensors, buffers, grads = (list(step.unpermute(v)) for v in (tensors, buffers, grads))
+        for plan in plans:
+            update, j, t = plan.update, plan.index, plan.update.target
             if k == 0 and kept_input is not None:
                 pending = {u.target for u in step.updates[: j + 1]}
-                tensors = tuple(c if i in pending else kept_input[i] for i, c in enumerate(tensors))
+                tensors = [c if i in pending else kept_input[i] for i, c in enumerate(tensors)]
             g = grads[t]
             # s_t' = a·s_t + c·u(others): the gradient of s_t is a·g; u and a, c (if learnable) get VJPs.
-            if update.source is not None and not _is_learnable(update.gain) and not _is_learnable(update.scale):
-                # u = s[source] (x <- x + v): no function to re-evaluate, its VJP is c·g
+            if plan.copies:  # u = s[source] (x <- x + v)
                 increment = arithmetic.copy_increment(update, tensors)
                 old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
-                grads = _replace(grads, update.source, _add(grads[update.source], update.gain_gradient(g)))
+                grads[update.source] = _add(grads[update.source], update.gain_gradient(g))
             else:
-                others = [i for i in range(len(tensors)) if i != t]
                 if update.calls_functions:
                     seeds.seed(k, j)
                 with torch.enable_grad():
-                    leaves = tuple(c if i == t else arithmetic.view(c).detach().requires_grad_()
-                                   for i, c in enumerate(tensors))
+                    leaves = [c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors)]
                     increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
-                    gained = update.gain * increment if _is_learnable(update.gain) else None
+                    gained = update.gain * increment if plan.learnable_gain else None
                 value = increment.detach()
-                if _is_learnable(update.scale):  # its VJP reads the old value
+                if plan.learnable_scale:  # its VJP reads the old value
                     old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
                 if gained is not None:
                     outputs, output_grads = [gained], [g]
                 else:
-                    outputs, output_grads = [increment], [update.gain_gradient(g).to(increment.dtype)]
-                if _is_learnable(update.scale):
+                    increment_grad = update.gain_gradient(g)
+                    if increment_grad.dtype != increment.dtype:
+                        increment_grad = increment_grad.to(increment.dtype)
+                    outputs, output_grads = [increment], [increment_grad]
+                if plan.learnable_scale:
                     outputs.append(update.scale)
                     output_grads.append((g * arithmetic.view(old)).sum().to(update.scale.dtype))
-                inputs = [*(leaves[i] for i in others), *layer_params, *(arg_leaves[i] for i in trainable_args)]
-                results = list(torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True))
+                inputs = [*(leaves[i] for i in plan.others), *(run.params[i] for i in layer_param_indices),
+                          *(arg_leaves[i] for i in trainable_args)]
+                results = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
                 del outputs, output_grads, gained, increment, leaves  # the graph is freed before the undo
-                for i in others:
-                    grads = _replace(grads, i, _add(grads[i], results.pop(0)))
-                for i in run.layer_params[k]:
-                    param_grads[i] = _add(param_grads[i], results.pop(0))
-                for i in trainable_args:
-                    arg_grads[i] = _add(arg_grads[i], results.pop(0))
-                if not _is_learnable(update.scale):
+                for i, result in zip(plan.others, results):
+                    grads[i] = _add(grads[i], result)
+                n_others = len(plan.others)
+                for i, result in zip(layer_param_indices, results[n_others:]):
+                    param_grads[i] = _add(param_grads[i], result)
+                for i, result in zip(trainable_args, results[n_others + len(layer_param_indices):]):
+                    arg_grads[i] = _add(arg_grads[i], result)
+                if not plan.learnable_scale:
                     old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
-            grads = _replace(grads, t, update.scale_gradient(g))
-            tensors, buffers = _replace(tensors, t, old), _replace(buffers, t, buffer)
+            grads[t] = update.scale_gradient(g)
+            tensors[t], buffers[t] = old, buffer
         if k % _CHECK_EVERY == 0:
             if not arithmetic.all_finite(tensors):  # re-invert from the last finite state to name the layer
                 end, finite_tensors, finite_buffers = checked
                 _inverse_layers(step, stack.layers[k:end], finite_tensors, finite_buffers, args, kwargs, arithmetic,
                                 first=k, seeds=seeds, during="when re-evaluated in the backward")
-            checked = (k, tensors, buffers)
-    return grads, arg_grads, param_grads
+            checked = (k, tuple(tensors), tuple(buffers))
+    return tuple(grads), arg_grads, param_grads
 
 
 def _is_learnable(scale) -> bool:
