@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from revnets.autograd import exact
 from revnets.autograd.exact import (
     MAX_DENOMINATOR,
     SAFE_LIMIT,
@@ -20,8 +21,10 @@ from revnets.autograd.exact import (
     dequantize,
     exact_ratio,
     quantize,
+    scale_add_exact,
     scale_exact,
     unscale_exact,
+    unscale_sub_exact,
 )
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
@@ -416,3 +419,86 @@ def test_check_range() -> None:
     for bad in (SAFE_LIMIT + 1, -SAFE_LIMIT - 1, -(2**63)):
         with pytest.raises(OverflowError, match=f"velocity: fixed-point magnitude {abs(bad)}"):
             check_range(torch.tensor([0, bad]), what="velocity")
+
+
+# --- the fused kernels of scale_add_exact / unscale_sub_exact --------------------------------------
+
+needs_kernels = pytest.mark.skipif(exact._kernels() is None, reason="no C compiler: only the separate operations run")
+
+
+def separately(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with the fused kernels unavailable: the separate torch operations."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exact, "_kernels", lambda: None)
+        return outcome(function, *args, **kwargs)
+
+
+def outcome(function, *args, **kwargs):
+    """The result, or the type and message of the error raised."""
+    try:
+        return function(*args, **kwargs)
+    except (OverflowError, FloatingPointError) as error:
+        return type(error), str(error)
+
+
+def assert_same_outcome(fused, plain) -> None:
+    assert type(fused) is type(plain)
+    if isinstance(fused[0], type):  # an error
+        assert fused == plain
+        return
+    (q, buffer), (q_plain, buffer_plain) = fused, plain
+    assert torch.equal(q, q_plain) and torch.equal(buffer.head, buffer_plain.head)
+    assert buffer.depth == buffer_plain.depth and buffer.bits() == buffer_plain.bits()
+
+
+@st.composite
+def kernel_operands(draw: st.DrawFn):
+    """Contractions the kernel takes (and some it leaves to the separate operations), states anywhere in
+    ``±2^46``, heads anywhere below ``2^47``, increments in and beyond range, NaN and infinity."""
+    d = draw(st.one_of(st.integers(2, 63), st.integers(64, MAX_DENOMINATOR)))
+    ratio = Fraction(draw(st.integers(1, d - 1)) * draw(st.sampled_from([1, -1])), d)
+    seed, shape = draw(seeds), draw(st.lists(st.integers(1, 40), min_size=1, max_size=2).map(tuple))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    frac_bits = draw(st.sampled_from([0, 16, 32, 40]))
+    bound = draw(st.sampled_from([2**20, 2**46]))
+    q = randint(seed, -bound, bound + 1, shape)
+    head = randint(seed + 1, 0, draw(st.sampled_from([2, 2**20, 2**47])), shape)
+    scale = draw(st.sampled_from([1.0, 1.0, 2.0**10, 2.0 ** (44 - frac_bits), 2.0 ** (47 - frac_bits)]))
+    increment = (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale)
+    special = draw(st.sampled_from([None] * 5 + [math.nan, -math.inf, 2.0 ** (46 - frac_bits)]))
+    if special is not None:
+        increment.view(-1)[0] = special
+    return q, ratio, InformationBuffer(head, None, draw(st.integers(0, 3))), increment.to(dtype), frac_bits
+
+
+@needs_kernels
+@settings(max_examples=300, deadline=None)
+@given(operands=kernel_operands(), gain=st.sampled_from([1.0, 0.1, -0.5]))
+def test_fused_kernels_give_the_bits_and_errors_of_the_separate_operations(operands, gain: float) -> None:
+    q, ratio, buffer, increment, frac_bits = operands
+    options = {"gain": gain, "what": "u"}
+    fused = outcome(scale_add_exact, q, ratio, buffer, increment, frac_bits, result="q'", **options)
+    assert_same_outcome(fused, separately(scale_add_exact, q, ratio, buffer, increment, frac_bits,
+                                          result="q'", **options))
+    # the inverse, from the result (if any) and from an arbitrary state (its errors)
+    for start, after in ([fused] if not isinstance(fused[0], type) else []) + [(q, buffer._pushed(buffer.head, 0))]:
+        undone = outcome(unscale_sub_exact, start, ratio, after, increment, frac_bits, **options)
+        assert_same_outcome(undone, separately(unscale_sub_exact, start, ratio, after, increment,
+                                               frac_bits, **options))
+        if start is fused[0]:
+            restored, back = undone
+            assert torch.equal(restored, q) and torch.equal(back.head, buffer.head) and back.depth == buffer.depth
+
+
+@needs_kernels
+def test_fused_kernels_spill_and_unspill_as_the_buffer_does() -> None:
+    """Heads near 2^47 spill after the kernel's push; the pop that must unspill runs separately."""
+    q = randint(0, -(2**40), 2**40, (64,))
+    buffer = InformationBuffer(randint(1, 2**46, 2**47, (64,)), None, 0)
+    increment = torch.randn(64)
+    new, pushed = scale_add_exact(q, Fraction(9, 10), buffer, increment, 32, gain=0.1)
+    assert pushed.top is not None and pushed.top.push_index == 1
+    assert_same_outcome((new, pushed), separately(scale_add_exact, q, Fraction(9, 10), buffer,
+                                                  increment, 32, gain=0.1))
+    restored, back = unscale_sub_exact(new, Fraction(9, 10), pushed, increment, 32, gain=0.1)
+    assert torch.equal(restored, q) and torch.equal(back.head, buffer.head) and back.top is None

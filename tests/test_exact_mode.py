@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import revnets
+from revnets.autograd import exact
 
 ARCHS = ("MomentumNet", "RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet")
 GAMMAS = (0.9, 0.5, 0.1, Fraction(1, 3), 0.999)
@@ -365,3 +366,24 @@ def test_exact_state_is_not_shared_between_copies():
     other = copy.deepcopy(net)
     x = inputs(1)
     assert net.forward_exact(net.exact_state(x)).equal(other.forward_exact(other.exact_state(x)))
+
+
+@pytest.mark.skipif(exact._kernels() is None, reason="no C compiler: only the separate operations run")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_and_separate_arithmetic_give_the_same_bits(dtype, monkeypatch):
+    """MomentumNet's contraction runs in the fused kernels; without them, the same states and gradients."""
+    def run():
+        net = build("MomentumNet", 12, width=16, gamma=0.9, dtype=dtype, exact=True)
+        x = inputs(3, shape=(5, 16), dtype=dtype).requires_grad_()
+        out = net(x)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
+        state = net.forward_exact(net.exact_state(x.detach()))
+        return out, [x.grad, *(p.grad for p in net.parameters())], state
+
+    out, grads, state = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(exact, "_kernels", lambda: None)
+        plain_out, plain_grads, plain_state = run()
+    assert torch.equal(out, plain_out) and state.equal(plain_state)
+    assert all(torch.equal(a.head, b.head) for a, b in zip(state.buffers, plain_state.buffers, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))

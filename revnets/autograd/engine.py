@@ -43,7 +43,17 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from ..steps.base import State, Step, Update
-from .exact import InformationBuffer, check_range, dequantize, exact_ratio, quantize, scale_exact, unscale_exact
+from .exact import (
+    InformationBuffer,
+    check_range,
+    dequantize,
+    exact_ratio,
+    quantize,
+    scale_add_exact,
+    scale_exact,
+    unscale_exact,
+    unscale_sub_exact,
+)
 from .replay import AutocastState, LayerSeeds, accelerator_devices, preserved_running_stats, running_stat_modules
 
 MODES = ("reversible", "autograd", "checkpoint")
@@ -184,21 +194,22 @@ class _FixedPointArithmetic:
             return source if gain == 1 else source * int(gain)
         return self.view(tensors[update.source])
 
-    def _quantized(self, update: Update, increment: Tensor, where: str) -> Tensor:
-        if increment.dtype == torch.int64:  # already exact (copy_increment)
-            return increment
-        return quantize(increment.detach().to(self.dtype), self.frac_bits, gain=update.gain,
-                        what=f"the output of a function at {where}")
-
     def apply(self, j: int, update: Update, old: Tensor, buffer: InformationBuffer, increment: Tensor, where: str):
-        if self.ratios[j] != 1:
-            old, buffer = scale_exact(old, self.ratios[j], buffer, input_in_range=True)  # every state is checked
-        new = old + self._quantized(update, increment, where)
+        if increment.dtype != torch.int64:  # a function's output: quantised, in one pass where possible
+            return scale_add_exact(old, self.ratios[j], buffer, increment.detach().to(self.dtype), self.frac_bits,
+                                   gain=update.gain, what=f"the output of a function at {where}",
+                                   result=f"the state after {where}")  # every state is checked: old too
+        if self.ratios[j] != 1:  # copy_increment: already exact
+            old, buffer = scale_exact(old, self.ratios[j], buffer, input_in_range=True)
+        new = old + increment
         check_range(new, what=f"the state after {where}")
         return new, buffer
 
     def undo(self, j: int, update: Update, new: Tensor, buffer: InformationBuffer, increment: Tensor, where: str):
-        old = new - self._quantized(update, increment, where)
+        if increment.dtype != torch.int64:
+            return unscale_sub_exact(new, self.ratios[j], buffer, increment.detach().to(self.dtype), self.frac_bits,
+                                     gain=update.gain, what=f"the output of a function at {where}")
+        old = new - increment
         if self.ratios[j] != 1:
             old, buffer = unscale_exact(old, self.ratios[j], buffer)
         return old, buffer

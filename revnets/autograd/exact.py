@@ -16,11 +16,20 @@ stay below ``2^62`` and conversions to ``float64`` are exact. Any value outside 
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 import math
 import numbers
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
@@ -33,8 +42,10 @@ __all__ = [
     "dequantize",
     "exact_ratio",
     "quantize",
+    "scale_add_exact",
     "scale_exact",
     "unscale_exact",
+    "unscale_sub_exact",
 ]
 
 FRAC_BITS_DEFAULT = 32
@@ -321,8 +332,13 @@ class InformationBuffer:
 
     def _push(self, values: torch.Tensor, base: int) -> InformationBuffer:
         head = torch.add(values, self.head, alpha=base)  # h·base + v < 2^47 · 2^16 ≤ 2^63 (fits int64)
+        return self._pushed(head, int(head.max()) if head.numel() else 0)
+
+    def _pushed(self, head: torch.Tensor, largest: int) -> InformationBuffer:
+        """The buffer after a push that made the heads ``head`` (``h·base + v``), ``largest`` the largest
+        of them (0 if none): spilled if it reached ``2^47``."""
         depth = self.depth + 1
-        if head.numel() == 0 or int(head.max()) < _HEAD_LIMIT:
+        if largest < _HEAD_LIMIT:
             return InformationBuffer(head, self.top, depth)
         spilled = head > _WORD_MASK  # every head with a full word to give, not only those ≥ 2^47
         count = int(torch.count_nonzero(spilled))
@@ -478,3 +494,232 @@ def unscale_exact(
         if d > n:  # for d < n, |⌊(q·d + r2) / n⌋| ≤ |q|
             check_range(q, what="unscale_exact result")
     return (-q if sign < 0 else q), buffer
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused CPU kernels: quantise, scale and add in one pass over memory.
+
+_KERNEL_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+typedef int64_t i64;
+#define SAFE 70368744177664.0             /* 2^46 */
+#define MAGIC 6755399441055744.0          /* 1.5 · 2^52: its ulp is 1 */
+#define MAGIC_BITS 0x4338000000000000LL   /* the bits of MAGIC */
+
+/* Exact conversions of integers |x| < 2^51: x sits in the mantissa of MAGIC + x. */
+static inline double to_f64(i64 x) { i64 b = x + MAGIC_BITS; double r; memcpy(&r, &b, 8); return r - MAGIC; }
+static inline i64 to_i64(double x) { double y = x + MAGIC; i64 b; memcpy(&b, &y, 8); return b - MAGIC_BITS; }
+/* x rounded to an integer, half to even (the default rounding mode), |x| < 2^51. */
+static inline double round_even(double x) { return (x + MAGIC) - MAGIC; }
+/* floor(a / d) of integers |a| < 2^52, 1 <= d < 2^6, inv = fl(1/d), |a/d| < 2^50: a·inv is within 1/4 of
+   a/d, so its nearest integer is floor(a/d) or one more; the remainder's sign tells which (exact products). */
+static inline double floor_div(double a, double d, double inv) {
+    double q = round_even(a * inv);
+    return a - q * d < 0 ? q - 1 : q;
+}
+
+/* new = floor((old·sn + (h mod n)) / d) + round(fl(inc·factor)), h -> floor(h/n)·d + (that numerator mod d),
+   n = |sn|. stats: [0] 1 if some |fl(inc·factor)| > 2^46 or NaN, [1] min and [2] max of new (and 0), [3] max head. */
+#define APPLY(NAME, T) \
+void NAME(i64 count, const i64 *old, const i64 *head, const T *inc, double factor, double sn, double d, \
+          i64 *out, i64 *head_out, i64 *stats) { \
+    const T f = (T)factor; const double n = sn < 0 ? -sn : sn, inv_n = 1.0 / n, inv_d = 1.0 / d; \
+    i64 bad = 0, lo = 0, hi = 0, top = 0; \
+    for (i64 i = 0; i < count; i++) { \
+        double s = (double)(inc[i] * f), m = s < 0 ? -s : s; \
+        i64 ok = m <= SAFE; bad |= ok ^ 1; double qi = round_even(ok ? s : 0); /* NaN: not ok */ \
+        double h = to_f64(head[i]), hq = floor_div(h, n, inv_n); \
+        double a = to_f64(old[i]) * sn + (h - hq * n), q = floor_div(a, d, inv_d); \
+        double h2 = hq * d + (a - q * d), v = q + qi; \
+        i64 vi = to_i64(v), hi_ = to_i64(h2); out[i] = vi; head_out[i] = hi_; \
+        lo = vi < lo ? vi : lo; hi = vi > hi ? vi : hi; top = hi_ > top ? hi_ : top; \
+    } \
+    stats[0] = bad; stats[1] = lo; stats[2] = hi; stats[3] = top; \
+}
+
+/* a = (new - round(fl(inc·factor)))·d + (h mod d), old = sign(sn)·floor(a / n), h -> floor(h/d)·n + (a mod n).
+   stats: [0] as above, [1] min and [2] max of new - round(fl(inc·factor)) (and 0), [3] min and [4] max of
+   floor(a / n) (and 0). */
+#define UNDO(NAME, T) \
+void NAME(i64 count, const i64 *new_, const i64 *head, const T *inc, double factor, double sn, double d, \
+          i64 *out, i64 *head_out, i64 *stats) { \
+    const T f = (T)factor; const double n = sn < 0 ? -sn : sn, inv_n = 1.0 / n, inv_d = 1.0 / d; \
+    const double sign = sn < 0 ? -1.0 : 1.0; \
+    i64 bad = 0, lo = 0, hi = 0, lo2 = 0, hi2 = 0; \
+    for (i64 i = 0; i < count; i++) { \
+        double s = (double)(inc[i] * f), m = s < 0 ? -s : s; \
+        i64 ok = m <= SAFE; bad |= ok ^ 1; double qi = round_even(ok ? s : 0); /* NaN: not ok */ \
+        double o = to_f64(new_[i]) - qi; \
+        double c = o > SAFE ? SAFE : o < -SAFE ? -SAFE : o; /* o itself is range-checked */ \
+        double h = to_f64(head[i]), hq = floor_div(h, d, inv_d); \
+        double a = c * d + (h - hq * d), q = floor_div(a, n, inv_n); \
+        out[i] = to_i64(sign * q); head_out[i] = to_i64(hq * n + (a - q * n)); \
+        i64 oi = to_i64(c == o ? o : c + c), qq = to_i64(q); /* beyond 2^46: twice the clamp, still beyond */ \
+        lo = oi < lo ? oi : lo; hi = oi > hi ? oi : hi; lo2 = qq < lo2 ? qq : lo2; hi2 = qq > hi2 ? qq : hi2; \
+    } \
+    stats[0] = bad; stats[1] = lo; stats[2] = hi; stats[3] = lo2; stats[4] = hi2; \
+}
+
+APPLY(apply_f32, float)
+APPLY(apply_f64, double)
+UNDO(undo_f32, float)
+UNDO(undo_f64, double)
+"""
+
+_KERNEL_FUNCTIONS = ("apply_f32", "apply_f64", "undo_f32", "undo_f64")
+_KERNEL_MAX_DENOMINATOR = 63
+
+
+def _cpu_identity() -> str:
+    """The processor's model and instruction-set flags (from ``/proc/cpuinfo`` where there is one)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
+
+
+@functools.cache
+def _kernels() -> ctypes.CDLL | None:
+    """The fused CPU kernels of :data:`_KERNEL_SOURCE`, or ``None`` where they cannot be built.
+
+    Compiled once with the system C compiler (``cc``, ``gcc`` or ``clang``; ``-O3 -march=native``) into
+    ``$XDG_CACHE_HOME/revnets`` (``~/.cache/revnets``), named by a hash of the source, the compiler and
+    the processor (model and instruction-set flags), so that a shared cache never serves a library
+    built for another processor. ``None`` when no compiler is found or building or loading fails:
+    callers then run the same arithmetic as separate torch operations (the same bits, slower).
+    """
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None
+    flags = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-shared")  # vectorised, no FMA
+    key = hashlib.sha256("\0".join((_KERNEL_SOURCE, compiler, *flags, platform.machine(), _cpu_identity())).encode())
+    key = key.hexdigest()
+    directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "revnets"
+    library = directory / f"exact-{key[:16]}.so"
+    try:
+        if not library.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory) as scratch:
+                source, built = Path(scratch) / "exact.c", Path(scratch) / "exact.so"
+                source.write_text(_KERNEL_SOURCE)
+                subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
+                               timeout=120)
+                os.replace(built, library)  # atomic: concurrent builds leave one complete library
+        kernels = ctypes.CDLL(str(library))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    for name in _KERNEL_FUNCTIONS:
+        function = getattr(kernels, name)
+        function.argtypes = (integer, pointer, pointer, pointer, real, real, real, pointer, pointer, pointer)
+        function.restype = None
+    return kernels
+
+
+def _fused_kernel(kind: str, q: torch.Tensor, buffer: InformationBuffer, increment: torch.Tensor, n: int, d: int):
+    """The kernel ``kind`` ("apply" or "undo") for these operands, or ``None`` where it does not apply.
+
+    It needs contiguous non-empty CPU tensors, a float32 or float64 increment and a contraction
+    ``0 < |n| < d ≤ 63`` with ``(⌊2^47/|n|⌋ + 1)·d ≤ 2^51``: then every intermediate of the kernel's
+    float64 arithmetic is an integer below ``2^52`` (``|q·n|, |q·d| ≤ 2^46·63``, heads ``< 2^51``), exact.
+    """
+    if not (0 < abs(n) < d <= _KERNEL_MAX_DENOMINATOR and ((1 << 47) // abs(n) + 1) * d <= 1 << 51):
+        return None
+    if q.device.type != "cpu" or increment.dtype not in (torch.float32, torch.float64):
+        return None
+    if q.numel() == 0 or increment.device.type != "cpu" or increment.shape != q.shape:
+        return None
+    if not (q.is_contiguous() and buffer.head.is_contiguous() and increment.is_contiguous()):
+        return None
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    return getattr(kernels, f"{kind}_{'f32' if increment.dtype == torch.float32 else 'f64'}")
+
+
+def _run_kernel(kernel, q: torch.Tensor, head: torch.Tensor, increment: torch.Tensor, factor: float, n: int, d: int,
+                stat_count: int):
+    out, head_out = torch.empty_like(q), torch.empty_like(head)
+    stats = (ctypes.c_int64 * stat_count)()
+    kernel(q.numel(), q.data_ptr(), head.data_ptr(), increment.data_ptr(), factor, float(n), float(d),
+           out.data_ptr(), head_out.data_ptr(), stats)
+    return out, head_out, tuple(stats)
+
+
+def scale_add_exact(
+    q: torch.Tensor, ratio: Fraction, buffer: InformationBuffer, increment: torch.Tensor, frac_bits: int, *,
+    gain: float = 1.0, what: str = "increment", result: str = "result",
+) -> tuple[torch.Tensor, InformationBuffer]:
+    """``q' = scale_exact(q, ratio, buffer) + quantize(increment, frac_bits, gain=gain)``, range-checked.
+
+    The same integers, buffer and errors as those operations one after the other. For a contraction
+    ``0 < |n| < d`` on contiguous CPU tensors (float32 or float64 increment) it is one pass of a
+    compiled kernel (see :func:`_kernels`): per element ``r = h mod n``, ``a = q·n + r``,
+    ``q' = ⌊a/d⌋ + round(fl(gain·u)·2^F)``, ``h ↦ ⌊h/n⌋·d + (a mod d)``, with the range checks of
+    :func:`quantize` and :func:`check_range` reduced in the same pass; elsewhere the separate torch
+    operations run.
+
+    Args:
+        q: int64 fixed-point integers, the buffer's shape, ``|q| ≤ 2^46`` (not checked again: the
+            caller's invariant, as ``scale_exact(..., input_in_range=True)``).
+        ratio: ``n/d``, see :func:`scale_exact`.
+        buffer: the information buffer of ``q``; not modified.
+        increment: floating-point tensor of ``q``'s shape.
+        frac_bits: number of fractional bits ``F``.
+        gain: a number multiplying ``increment`` before quantisation.
+        what: what ``increment`` holds, for messages.
+        result: what ``q'`` holds, for messages.
+
+    Raises:
+        FloatingPointError: ``increment`` holds NaN or infinity.
+        OverflowError: the quantised increment or ``q'`` is beyond ``±2^46``.
+    """
+    n, d = _ratio_parts(ratio, q, buffer)
+    kernel = _fused_kernel("apply", q, buffer, increment, n, d)
+    if kernel is not None:
+        new, head, (bad, low, high, top) = _run_kernel(kernel, q, buffer.head, increment,
+                                                       float(gain) * float(1 << frac_bits), n, d, 4)
+        if not bad and -SAFE_LIMIT <= low and high <= SAFE_LIMIT:
+            return new, buffer._pushed(head, top)
+    # the separate operations: elsewhere, and to raise the error the kernel found, naming its cause
+    scaled, buffer = scale_exact(q, ratio, buffer, input_in_range=True)
+    new = scaled + quantize(increment, frac_bits, gain=gain, what=what)
+    check_range(new, what=result)
+    return new, buffer
+
+
+def unscale_sub_exact(
+    q: torch.Tensor, ratio: Fraction, buffer: InformationBuffer, increment: torch.Tensor, frac_bits: int, *,
+    gain: float = 1.0, what: str = "increment",
+) -> tuple[torch.Tensor, InformationBuffer]:
+    """Exact inverse of :func:`scale_add_exact`: ``unscale_exact(q − quantize(increment, frac_bits, gain=gain),
+    ratio, buffer)`` (for ``ratio = 1``, just the difference).
+
+    The same integers, buffer and errors as those operations one after the other; for a contraction
+    on contiguous CPU tensors whose last push spilled nothing, one pass of a compiled kernel: per
+    element ``a = (q − round(fl(gain·u)·2^F))·d + (h mod d)``, ``q ↦ ⌊a/n⌋``,
+    ``h ↦ ⌊h/d⌋·n + (a mod n)``, with the range checks of :func:`unscale_exact` reduced in the same pass.
+
+    Args:
+        q: int64 fixed-point integers, the buffer's shape, ``|q| ≤ 2^46`` (the caller's invariant).
+        ratio: the ``n/d`` given to :func:`scale_add_exact`.
+        buffer: the buffer :func:`scale_add_exact` returned; not modified.
+        increment: the floating-point increment given to :func:`scale_add_exact`.
+        frac_bits, gain, what: as given to :func:`scale_add_exact`.
+
+    Raises:
+        FloatingPointError: ``increment`` holds NaN or infinity.
+        OverflowError: the quantised increment, the difference or the result is beyond ``±2^46``.
+    """
+    n, d = _ratio_parts(ratio, q, buffer)
+    kernel = _fused_kernel("undo", q, buffer, increment, n, d)
+    if kernel is not None and buffer.depth > 0 and (buffer.top is None or buffer.top.push_index != buffer.depth):
+        old, head, (bad, *extremes) = _run_kernel(kernel, q, buffer.head, increment,
+                                                  float(gain) * float(1 << frac_bits), n, d, 5)
+        if not bad and -SAFE_LIMIT <= min(extremes) and max(extremes) <= SAFE_LIMIT:
+            return old, InformationBuffer(head, buffer.top, buffer.depth - 1)
+    old = q - quantize(increment, frac_bits, gain=gain, what=what)
+    return (old, buffer) if ratio == 1 else unscale_exact(old, ratio, buffer)
