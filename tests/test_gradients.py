@@ -303,10 +303,10 @@ def _conditioning(batch, dtype=torch.float64):
     return c, shift, mask, {"shift": shift, "scale": 0.5, "flags": [flags]}
 
 
+@pytest.mark.parametrize("depth", [3, 20])  # 20: three autograd nodes of the reversible engine (chunks of 8)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_extra_arguments_reach_every_function_and_get_gradients(arch, mode):
-    depth = 3
+def test_extra_arguments_reach_every_function_and_get_gradients(arch, mode, depth):
     net = make_net(arch, depth=depth, width=4, mode=mode, function=Conditioned)
     x = make_input(4, 4, requires_grad=True)
     c, shift, mask, extra = _conditioning(4)
@@ -341,10 +341,11 @@ def test_extra_arguments_without_grad_input(arch):
 # MomentumNet: learnable γ and learned initial velocity.
 
 
-@pytest.mark.parametrize("gamma", [0.3, 0.9])
+# depth 20 crosses the engine's chunks; with γ = 0.3 inversion would amplify rounding by 0.3^-20 ≈ 3e10 there
+@pytest.mark.parametrize(("gamma", "depth"), [(0.3, 6), (0.9, 6), (0.9, 20)])
 @pytest.mark.parametrize("mode", MODES)
-def test_learnable_gamma_gradient(mode, gamma):
-    net = make_net("MomentumNet", depth=6, width=4, mode=mode, gamma=gamma, learn_gamma=True)
+def test_learnable_gamma_gradient(mode, gamma, depth):
+    net = make_net("MomentumNet", depth=depth, width=4, mode=mode, gamma=gamma, learn_gamma=True)
     assert isinstance(net.gamma_logit, nn.Parameter) and net.gamma_logit.dtype == torch.float64
     assert abs(net.gamma.item() - gamma) < 1e-7  # the logit is initialised in the default dtype (float32)
     x = make_input(3, 4, requires_grad=True)
@@ -518,9 +519,10 @@ def test_function_width_helper():
 # keep_input: the first layer is evaluated on the stored input instead of its reconstruction.
 
 
+@pytest.mark.parametrize("depth", [4, 20])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_keep_input_gradients_match_reference_with_extra_arguments(arch):
-    net = make_net(arch, depth=4, width=4, function=Conditioned)
+def test_keep_input_gradients_match_reference_with_extra_arguments(arch, depth):
+    net = make_net(arch, depth=depth, width=4, function=Conditioned)
     net.keep_input = True
     x = make_input(4, 4, requires_grad=True)
     c, shift, mask, extra = _conditioning(4)
@@ -530,3 +532,36 @@ def test_keep_input_gradients_match_reference_with_extra_arguments(arch):
     got = torch.autograd.grad((net(x, c, mask=mask, extra=extra) * ct).sum(), [x, c, shift, *params])
     assert max_relative_error(list(got), expected) < 1e-10
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter gradients reach autograd chunk by chunk.
+
+
+class _Logged(nn.Module):
+    """A linear layer that logs its evaluations with autograd on (the backward's re-evaluations)."""
+
+    def __init__(self, index: int, log: list):
+        super().__init__()
+        self.index, self.log, self.linear = index, log, nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.log.append(("evaluated", self.index))
+        return torch.tanh(self.linear(x))
+
+
+def test_parameter_gradients_are_handed_over_before_the_first_layers_are_rebuilt():
+    """Each chunk of 8 layers is its own autograd node: the gradients of the last layers' parameters are
+    accumulated (and their hooks, such as DDP's reductions, run) while the first layers are still to be
+    rebuilt, instead of all at the end of the stack's backward."""
+    log: list = []
+    functions = [_Logged(k, log) for k in range(20)]
+    for k, f in enumerate(functions):
+        f.linear.weight.register_post_accumulate_grad_hook(lambda p, k=k: log.append(("accumulated", k)))
+    net = revnets.MomentumNet(functions, gamma=0.9)
+    net(make_input(3, 4)).sum().backward()
+    position = {entry: i for i, entry in enumerate(log)}
+    assert all(position[("accumulated", k)] < position[("evaluated", 0)] for k in range(8, 20))
+    assert all(position[("accumulated", k)] < position[("evaluated", 8)] for k in range(16, 20))
+    assert all(f.linear.weight.grad is not None for f in functions)

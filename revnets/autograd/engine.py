@@ -106,6 +106,11 @@ class Stack:
         per_layer = tuple(indices(_layer_parameters(fns)) + shared for fns in self.layers)
         return tuple(params), per_layer
 
+    def has_trainable_parameters(self) -> bool:
+        """Whether a parameter of the functions or a coefficient requires grad (stops at the first)."""
+        return any(p.requires_grad for p in self.coefficients) or any(
+            p.requires_grad for fns in self.layers for p in _layer_parameters(fns))
+
     def norm_modules(self):
         return running_stat_modules(f for fns in self.layers for f in fns)
 
@@ -330,14 +335,15 @@ def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic, *,
 _CHECK_EVERY = 8
 
 
-def _first_non_finite_layer(step, layers, state, args, kwargs, seeds: LayerSeeds) -> str:
-    """Where a floating-point forward whose output holds NaN/inf first produced it: run it again from
-    its input ``state`` (with the same random numbers, inside ``seeds.forked()``), checking every layer."""
+def _first_non_finite_layer(step, layers, first, state, args, kwargs, seeds: LayerSeeds) -> str:
+    """Where a floating-point forward of ``layers`` (numbered from ``first``) whose output holds NaN/inf
+    first produced it: run it again from its input ``state`` (with the same random numbers, inside
+    ``seeds.forked()``), checking every layer."""
     arithmetic = _FloatArithmetic()
     if not arithmetic.all_finite(state):
         return "the stack's input already holds NaN/inf"
     tensors, buffers = state, (None,) * len(state)
-    for k, functions in enumerate(layers):
+    for k, functions in enumerate(layers, start=first):
         tensors, buffers = _forward_layers(step, (functions,), k, tensors, buffers, args, kwargs, arithmetic, seeds)
         if not arithmetic.all_finite(tensors):
             return f"the state first became non-finite at layer {k} (a function returned NaN/inf or the state overflowed)"
@@ -377,22 +383,24 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
     soon as no update left to undo targets it, so that the first layer's functions see the exact input.
 
     Returns the gradients of the input state, the accumulated gradients of ``arg_leaves`` (``None``
-    where unused) and of ``run.params`` (``None`` where unused).
+    where unused) and of ``run.params`` (``None`` where unused), and the reconstructed input state
+    (tensors and buffers).
     """
-    stack = run.stack
+    stack, first = run.stack, run.first
     param_grads: list[Tensor | None] = [None] * len(run.params)
     arg_grads: list[Tensor | None] = [None] * len(arg_leaves)
     trainable_args = [i for i, a in enumerate(arg_leaves) if a.requires_grad]
     step = plans = None
     tensors, buffers, grads = list(tensors), list(buffers), list(grads)
     checked = (len(stack.layers), tuple(tensors), tuple(buffers))  # the last state found finite, the layer it enters
-    for k in reversed(range(len(stack.layers))):
+    for local in reversed(range(len(stack.layers))):
+        k = first + local  # the layer's number in the whole stack (seeds, messages)
         where = f"layer {k}"
         if step is None or stack.coefficients:  # learnable coefficients enter each layer's graph afresh
             with torch.enable_grad():
                 step = stack.step()
             plans = _BackwardUpdate.plan(step, len(tensors))
-        layer_param_indices = run.layer_params[k]
+        layer_param_indices = run.layer_params[local]
         if step.order is not None:
             tensors, buffers, grads = (list(step.unpermute(v)) for v in (tensors, buffers, grads))
         for plan in plans:
@@ -411,7 +419,7 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                     seeds.seed(k, j)
                 with torch.enable_grad():
                     leaves = [c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors)]
-                    increment = update.increment(leaves, stack.layers[k], args, kwargs, where=where)
+                    increment = update.increment(leaves, stack.layers[local], args, kwargs, where=where)
                     gained = update.gain * increment if plan.learnable_gain else None
                 value = increment.detach()
                 if plan.learnable_scale:  # its VJP reads the old value
@@ -441,13 +449,13 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
                     old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
             grads[t] = update.scale_gradient(g)
             tensors[t], buffers[t] = old, buffer
-        if k % _CHECK_EVERY == 0:
+        if k % _CHECK_EVERY == 0 or local == 0:
             if not arithmetic.all_finite(tensors):  # re-invert from the last finite state to name the layer
                 end, finite_tensors, finite_buffers = checked
-                _inverse_layers(step, stack.layers[k:end], finite_tensors, finite_buffers, args, kwargs, arithmetic,
-                                first=k, seeds=seeds, during="when re-evaluated in the backward")
-            checked = (k, tuple(tensors), tuple(buffers))
-    return tuple(grads), arg_grads, param_grads
+                _inverse_layers(step, stack.layers[local:end], finite_tensors, finite_buffers, args, kwargs,
+                                arithmetic, first=k, seeds=seeds, during="when re-evaluated in the backward")
+            checked = (local, tuple(tensors), tuple(buffers))
+    return tuple(grads), arg_grads, param_grads, (tuple(tensors), tuple(buffers))
 
 
 def _is_learnable(scale) -> bool:
@@ -464,9 +472,36 @@ def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
 # The autograd function of the reversible mode.
 
 
+_CHUNK = 8
+"""Layers per autograd node of a reversible stack: each chunk hands its parameters' gradients to autograd
+as soon as its backward ends (gradient hooks, such as DDP's reductions, fire progressively, and at most
+one chunk's parameter gradients are held by the engine at a time)."""
+
+
+@dataclass
+class _Chain:
+    """What the chunks of one reversible stack call hand each other outside autograd.
+
+    Attributes:
+        forward_state: in fixed point, the exact state (tensors, buffers) a chunk's forward ended with,
+            which the next chunk continues from (its floating-point input only links the graph).
+        boundaries: in the backward, the state (tensors, buffers) a chunk reconstructed at its input,
+            keyed by the number of its first layer: the output state of the chunk before it.
+        non_finite: where the forward first produced NaN/inf, if it did.
+    """
+
+    forward_state: tuple | None = None
+    boundaries: dict[int, tuple] = field(default_factory=dict)
+    non_finite: str | None = None
+
+
 @dataclass(frozen=True)
 class _Run:
-    """One call of a reversible stack: the stack, how its flat inputs are laid out, and the arithmetic."""
+    """One chunk of a call of a reversible stack: its layers, how its flat inputs are laid out, the arithmetic.
+
+    ``first`` is the number of the chunk's first layer in the whole stack, ``last`` whether the chunk ends
+    it (the only one whose output state is saved), ``chain`` what the chunks of the call share.
+    """
 
     stack: Stack
     n_state: int
@@ -475,9 +510,12 @@ class _Run:
     params: tuple[Tensor, ...]
     layer_params: tuple[tuple[int, ...], ...]
     frac_bits: int | None
+    seeds: LayerSeeds
+    chain: _Chain
+    first: int = 0
+    last: bool = True
     norm_modules: tuple = field(default=())
     keep_input: bool = False
-    seeds: LayerSeeds | None = None  # drawn by the forward if None
 
     def parameters_changed(self) -> bool:
         """Whether the stack's trainable parameters are no longer the tensors recorded by the forward."""
@@ -523,34 +561,41 @@ def _layer_parameters(functions: Functions) -> tuple[Tensor, ...]:
 
 
 class _ReversibleFunction(torch.autograd.Function):
+    """One chunk of a reversible stack (:class:`_Run`): the forward keeps no state unless the chunk is the
+    last; the backward takes its output state from the chunk after it (:class:`_Chain`), inverts its layers
+    and leaves their input state for the chunk before it."""
+
     @staticmethod
     def forward(ctx, run: _Run, *inputs: Tensor):
         n_args = len(inputs) - run.n_state - len(run.params)
         state = inputs[: run.n_state]
         arg_tensors = inputs[run.n_state : run.n_state + n_args]
         args, kwargs = run.arguments(arg_tensors)
-        devices = accelerator_devices(state)
-        ctx.autocast = AutocastState.capture(devices)
-        ctx.seeds = LayerSeeds.draw(devices) if run.seeds is None else run.seeds
+        ctx.autocast = AutocastState.capture(accelerator_devices(state))
         ctx.run = run
-        step = run.stack.step()
+        step, chain = run.stack.step(), run.chain
         if run.frac_bits is None:
             arithmetic = _FloatArithmetic()
             tensors, buffers = tuple(state), (None,) * len(state)
         else:
-            exact = ExactState.from_float(state, run.frac_bits)
-            arithmetic = _FixedPointArithmetic.for_step(step, run.frac_bits, exact.dtype)
-            tensors, buffers = exact.tensors, exact.buffers
-        with ctx.seeds.forked():
-            tensors, buffers = _forward_layers(step, run.stack.layers, 0, tensors, buffers, args, kwargs, arithmetic,
-                                               ctx.seeds)
-            ctx.non_finite = None
-            if not arithmetic.all_finite(tensors):
+            arithmetic = _FixedPointArithmetic.for_step(step, run.frac_bits, state[0].dtype)
+            if run.first == 0:
+                exact = ExactState.from_float(state, run.frac_bits)
+                tensors, buffers = exact.tensors, exact.buffers
+            else:  # continue bit for bit from the previous chunk, not from its dequantised output
+                (tensors, buffers), chain.forward_state = chain.forward_state, None
+        with run.seeds.forked():
+            tensors, buffers = _forward_layers(step, run.stack.layers, run.first, tensors, buffers, args, kwargs,
+                                               arithmetic, run.seeds)
+            if chain.non_finite is None and not arithmetic.all_finite(tensors):
                 with preserved_running_stats(run.norm_modules):
-                    ctx.non_finite = _first_non_finite_layer(step, run.stack.layers, tuple(state), args, kwargs,
-                                                             ctx.seeds)
-        ctx.arithmetic, ctx.buffers = arithmetic, buffers
-        ctx.save_for_backward(*tensors, *arg_tensors, *(state if run.keep_input else ()))
+                    chain.non_finite = _first_non_finite_layer(step, run.stack.layers, run.first, tuple(state), args,
+                                                               kwargs, run.seeds)
+        ctx.arithmetic = arithmetic
+        ctx.buffers = buffers if run.last else None
+        if not run.last and run.frac_bits is not None:
+            chain.forward_state = (tensors, buffers)
+        ctx.save_for_backward(*(tensors if run.last else ()), *arg_tensors, *(state if run.keep_input else ()))
         return tuple(arithmetic.view(c) for c in tensors)
 
     @staticmethod
@@ -559,16 +604,20 @@ class _ReversibleFunction(torch.autograd.Function):
         run: _Run = ctx.run
         if run.parameters_changed():
             raise _substituted_parameters("reversible")
-        if ctx.non_finite is not None:
+        if run.chain.non_finite is not None:
             raise FloatingPointError(
                 f"non-finite value (NaN/inf) in the backward of a reversible stack: the forward already produced it "
-                f"({ctx.non_finite}); this is not an inversion error. Check the input and the weights "
+                f"({run.chain.non_finite}); this is not an inversion error. Check the input and the weights "
                 "(a diverging learning rate makes them non-finite)"
             )
-        saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
         kept_input = tuple(c.detach() for c in saved[len(saved) - run.n_state :]) if run.keep_input else None
-        n_args = len(saved) - run.n_state * (2 if run.keep_input else 1)
-        tensors, arg_tensors = saved[: run.n_state], saved[run.n_state : run.n_state + n_args]
+        if run.keep_input:
+            del saved[len(saved) - run.n_state :]
+        if run.last:
+            tensors, buffers, arg_tensors = tuple(saved[: run.n_state]), ctx.buffers, saved[run.n_state :]
+        else:
+            (tensors, buffers), arg_tensors = run.chain.boundaries.pop(run.first + len(run.stack.layers)), saved
         arithmetic = ctx.arithmetic
         grads = tuple(
             g if g is not None else torch.zeros_like(arithmetic.view(c)) for g, c in zip(output_grads, tensors, strict=True)
@@ -578,10 +627,12 @@ class _ReversibleFunction(torch.autograd.Function):
             for i, a in enumerate(arg_tensors)
         )
         args, kwargs = run.arguments(arg_leaves)
-        with ctx.autocast.restored(), ctx.seeds.forked(), preserved_running_stats(run.norm_modules):
-            state_grads, arg_grads, param_grads = _backward_layers(
-                run, tensors, ctx.buffers, grads, args, kwargs, arg_leaves, arithmetic, ctx.seeds, kept_input
+        with ctx.autocast.restored(), run.seeds.forked(), preserved_running_stats(run.norm_modules):
+            state_grads, arg_grads, param_grads, reconstructed = _backward_layers(
+                run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, run.seeds, kept_input
             )
+        if run.first > 0 and any(ctx.needs_input_grad[1 : 1 + run.n_state]):  # the previous chunk's backward runs
+            run.chain.boundaries[run.first] = reconstructed
         offset = 1 + run.n_state
         if any(g is None for g in param_grads) and _sharded_functions(run.stack):
             raise RuntimeError(
@@ -639,10 +690,10 @@ def run(
         return state
     if frac_bits is not None and mode != "reversible":
         raise ValueError(f"fixed-point (exact) arithmetic needs mode='reversible'; got mode={mode!r}")
-    params, layer_params = stack.parameters()
     leaves, arg_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     arg_tensors = tuple(v for v in leaves if isinstance(v, Tensor))
-    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (*state, *arg_tensors, *params))
+    needs_graph = torch.is_grad_enabled() and (any(t.requires_grad for t in (*state, *arg_tensors))
+                                               or stack.has_trainable_parameters())
     kept = round(memory_budget * len(stack.layers)) if mode == "reversible" and needs_graph else 0
     if kept:
         if frac_bits is not None:
@@ -652,12 +703,12 @@ def run(
         seeds = None if torch.compiler.is_compiling() else LayerSeeds.draw(accelerator_devices(state))
         if inverted:
             head = Stack(stack.step, stack.layers[:inverted], stack.coefficients)
-            state = _run_reversible(head, state, args, kwargs, *head.parameters(), leaves, arg_spec, arg_tensors, None,
-                                    keep_input, True, seeds)
+            state = _run_reversible(head, state, args, kwargs, leaves, arg_spec, arg_tensors, None, keep_input, True,
+                                    seeds)
         return _autograd_layers(stack, state, args, kwargs, first=inverted, seeds=seeds)
     if mode == "reversible" and (needs_graph or frac_bits is not None):
-        return _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, arg_spec, arg_tensors,
-                               frac_bits, keep_input, needs_graph)
+        return _run_reversible(stack, state, args, kwargs, leaves, arg_spec, arg_tensors, frac_bits, keep_input,
+                               needs_graph)
     if mode == "checkpoint" and needs_graph:
         if torch.compiler.is_compiling() and not any(m.training for m in stack.norm_modules()):
             # Dynamo turns each checkpoint into a region that the compiled backward recomputes.
@@ -683,18 +734,22 @@ def _autograd_layers(stack: Stack, state: State, args: tuple, kwargs: dict, firs
 
 
 @torch.compiler.disable
-def _run_reversible(stack, state, args, kwargs, params, layer_params, leaves, arg_spec, arg_tensors, frac_bits,
-                    keep_input, needs_graph, seeds: LayerSeeds | None = None) -> State:
+def _run_reversible(stack, state, args, kwargs, leaves, arg_spec, arg_tensors, frac_bits, keep_input, needs_graph,
+                    seeds: LayerSeeds | None = None) -> State:
     """The reversible (or exact) strategy, run eagerly: ``torch.compile`` breaks the graph here, once per
     stack, since the RNG snapshots and the hand-written backward of :class:`_ReversibleFunction` are not
-    traceable; the functions inside run uncompiled."""
+    traceable; the functions inside run uncompiled. One autograd node per :data:`_CHUNK` layers."""
     if not needs_graph:
         return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
-    plan = _Run(
-        stack, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, stack.norm_modules(),
-        keep_input and frac_bits is None, seeds,
-    )
-    return _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
+    seeds = LayerSeeds.draw(accelerator_devices(state)) if seeds is None else seeds
+    chain, depth = _Chain(), len(stack.layers)
+    for first in range(0, depth, _CHUNK):
+        chunk = Stack(stack.step, stack.layers[first : first + _CHUNK], stack.coefficients)
+        params, layer_params = chunk.parameters()
+        plan = _Run(chunk, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, seeds, chain, first,
+                    first + _CHUNK >= depth, chunk.norm_modules(), keep_input and frac_bits is None and first == 0)
+        state = _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
+    return state
 
 
 def _checkpoint_layers(stack: Stack, state: State, args: tuple, kwargs: dict, *, protect_running_stats: bool) -> State:
