@@ -29,8 +29,16 @@ from torch import nn
 from torch.func import functional_call
 
 import revnets
+from revnets.autograd import engine
 
 MODES = revnets.MODES
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Every test here crosses the reversible engine's chunk boundaries (about every 4 layers of width 4),
+    which real layers only meet every 1 Mi parameters."""
+    monkeypatch.setattr(engine, "_CHUNK_PARAMETERS", 100)
 EPS32 = torch.finfo(torch.float32).eps
 HIDDEN = 3  # hidden width of the conditioned functions below
 
@@ -303,7 +311,7 @@ def _conditioning(batch, dtype=torch.float64):
     return c, shift, mask, {"shift": shift, "scale": 0.5, "flags": [flags]}
 
 
-@pytest.mark.parametrize("depth", [3, 20])  # 20: three autograd nodes of the reversible engine (chunks of 8)
+@pytest.mark.parametrize("depth", [3, 20])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_extra_arguments_reach_every_function_and_get_gradients(arch, mode, depth):
@@ -341,7 +349,7 @@ def test_extra_arguments_without_grad_input(arch):
 # MomentumNet: learnable γ and learned initial velocity.
 
 
-# depth 20 crosses the engine's chunks; with γ = 0.3 inversion would amplify rounding by 0.3^-20 ≈ 3e10 there
+# with γ = 0.3, inversion amplifies rounding by 0.3^-20 ≈ 3e10 at depth 20
 @pytest.mark.parametrize(("gamma", "depth"), [(0.3, 6), (0.9, 6), (0.9, 20)])
 @pytest.mark.parametrize("mode", MODES)
 def test_learnable_gamma_gradient(mode, gamma, depth):
@@ -551,10 +559,11 @@ class _Logged(nn.Module):
         return torch.tanh(self.linear(x))
 
 
-def test_parameter_gradients_are_handed_over_before_the_first_layers_are_rebuilt():
-    """Each chunk of 8 layers is its own autograd node: the gradients of the last layers' parameters are
-    accumulated (and their hooks, such as DDP's reductions, run) while the first layers are still to be
-    rebuilt, instead of all at the end of the stack's backward."""
+def test_parameter_gradients_are_handed_over_before_the_first_layers_are_rebuilt(monkeypatch):
+    """Each chunk of layers (here 8 layers of 20 parameters) is its own autograd node: the gradients of the
+    last layers' parameters are accumulated (and their hooks, such as DDP's reductions, run) while the first
+    layers are still to be rebuilt, instead of all at the end of the stack's backward."""
+    monkeypatch.setattr(engine, "_CHUNK_PARAMETERS", 8 * 20)
     log: list = []
     functions = [_Logged(k, log) for k in range(20)]
     for k, f in enumerate(functions):

@@ -329,10 +329,14 @@ def _inverse_layers(step, layers, tensors, buffers, args, kwargs, arithmetic, *,
 
 # Non-finite values never leave a state: an update ``s_i <- a·s_i + c·u`` with ``a != 0`` keeps NaN/inf in
 # ``s_i`` (inf + finite = inf, inf − inf = NaN), and so does its inverse ``(s_i − c·u)/a``. A run whose last
-# state is finite therefore had finite states throughout: the forward checks only its output, and the
-# backward checks its reconstruction every ``_CHECK_EVERY`` layers; only once NaN/inf was found are the
-# layers in between run again, checked one by one, to name the first that produced it.
+# state is finite therefore had finite states throughout: the forward checks only its output. The backward
+# checks its reconstruction after every layer when the state is large (a check costs little beside the
+# layer, and keeping an older state for the diagnosis would cost a state of memory), and every
+# ``_CHECK_EVERY`` layers when it is small (at most ``_CHECK_EVERY_LAYER_NUMEL`` elements per component:
+# there a check would cost as much as a layer); only once NaN/inf was found are the layers in between run
+# again, checked one by one, to name the first that produced it.
 _CHECK_EVERY = 8
+_CHECK_EVERY_LAYER_NUMEL = 1 << 16
 
 
 def _first_non_finite_layer(step, layers, first, state, args, kwargs, seeds: LayerSeeds) -> str:
@@ -376,23 +380,25 @@ class _BackwardUpdate:
         return tuple(reversed(plans))
 
 
-def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, seeds, kept_input=None):
+def _backward_layers(run, tensors: list, buffers: list, grads: list, args, kwargs, arg_leaves, arithmetic, seeds,
+                     kept_input=None):
     """The memory-free backward: invert layer by layer, one evaluation of each function.
 
-    ``kept_input``: the input state, if kept; in the first layer, a component is then taken from it as
-    soon as no update left to undo targets it, so that the first layer's functions see the exact input.
+    ``tensors``, ``buffers`` and ``grads`` (the output state, its buffers and gradients; ``None`` for a
+    gradient that is zero) are lists that are rewritten in place, so that no caller keeps a state alive:
+    on return they hold the reconstructed input state, its buffers and its gradients. ``kept_input``:
+    the input state, if kept; in the first layer, a component is then taken from it as soon as no update
+    left to undo targets it, so that the first layer's functions see the exact input.
 
-    Returns the gradients of the input state, the accumulated gradients of ``arg_leaves`` (``None``
-    where unused) and of ``run.params`` (``None`` where unused), and the reconstructed input state
-    (tensors and buffers).
+    Returns the accumulated gradients of ``arg_leaves`` and of ``run.params`` (``None`` where unused).
     """
     stack, first = run.stack, run.first
     param_grads: list[Tensor | None] = [None] * len(run.params)
     arg_grads: list[Tensor | None] = [None] * len(arg_leaves)
     trainable_args = [i for i, a in enumerate(arg_leaves) if a.requires_grad]
     step = plans = None
-    tensors, buffers, grads = list(tensors), list(buffers), list(grads)
-    checked = (len(stack.layers), tuple(tensors), tuple(buffers))  # the last state found finite, the layer it enters
+    every_layer = tensors[0].numel() > _CHECK_EVERY_LAYER_NUMEL
+    checked = None if every_layer else (len(stack.layers), tuple(tensors), tuple(buffers))  # last finite state
     for local in reversed(range(len(stack.layers))):
         k = first + local  # the layer's number in the whole stack (seeds, messages)
         where = f"layer {k}"
@@ -402,60 +408,68 @@ def _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves, ari
             plans = _BackwardUpdate.plan(step, len(tensors))
         layer_param_indices = run.layer_params[local]
         if step.order is not None:
-            tensors, buffers, grads = (list(step.unpermute(v)) for v in (tensors, buffers, grads))
+            for values in (tensors, buffers, grads):
+                values[:] = step.unpermute(tuple(values))
+        increments = []
         for plan in plans:
             update, j, t = plan.update, plan.index, plan.update.target
             if k == 0 and kept_input is not None:
                 pending = {u.target for u in step.updates[: j + 1]}
-                tensors = [c if i in pending else kept_input[i] for i, c in enumerate(tensors)]
+                tensors[:] = [c if i in pending else kept_input[i] for i, c in enumerate(tensors)]
             g = grads[t]
             # s_t' = a·s_t + c·u(others): the gradient of s_t is a·g; u and a, c (if learnable) get VJPs.
             if plan.copies:  # u = s[source] (x <- x + v)
                 increment = arithmetic.copy_increment(update, tensors)
                 old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
-                grads[update.source] = _add(grads[update.source], update.gain_gradient(g))
+                if g is not None:
+                    grads[update.source] = _add(grads[update.source], update.gain_gradient(g))
             else:
                 if update.calls_functions:
                     seeds.seed(k, j)
-                with torch.enable_grad():
-                    leaves = [c if i == t else arithmetic.view(c).detach().requires_grad_() for i, c in enumerate(tensors)]
+                with torch.enable_grad() if g is not None else torch.no_grad():  # a zero gradient needs no VJP
+                    leaves = [c if i == t else arithmetic.view(c).detach().requires_grad_(g is not None)
+                              for i, c in enumerate(tensors)]
                     increment = update.increment(leaves, stack.layers[local], args, kwargs, where=where)
-                    gained = update.gain * increment if plan.learnable_gain else None
+                    gained = update.gain * increment if plan.learnable_gain and g is not None else None
                 value = increment.detach()
-                if plan.learnable_scale:  # its VJP reads the old value
+                increments.append(value)
+                if plan.learnable_scale or g is None:  # its VJP reads the old value
                     old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
-                if gained is not None:
-                    outputs, output_grads = [gained], [g]
-                else:
-                    increment_grad = update.gain_gradient(g)
-                    if increment_grad.dtype != increment.dtype:
-                        increment_grad = increment_grad.to(increment.dtype)
-                    outputs, output_grads = [increment], [increment_grad]
-                if plan.learnable_scale:
-                    outputs.append(update.scale)
-                    output_grads.append((g * arithmetic.view(old)).sum().to(update.scale.dtype))
-                inputs = [*(leaves[i] for i in plan.others), *(run.params[i] for i in layer_param_indices),
-                          *(arg_leaves[i] for i in trainable_args)]
-                results = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
-                del outputs, output_grads, gained, increment, leaves  # the graph is freed before the undo
-                for i, result in zip(plan.others, results):
-                    grads[i] = _add(grads[i], result)
-                n_others = len(plan.others)
-                for i, result in zip(layer_param_indices, results[n_others:]):
-                    param_grads[i] = _add(param_grads[i], result)
-                for i, result in zip(trainable_args, results[n_others + len(layer_param_indices):]):
-                    arg_grads[i] = _add(arg_grads[i], result)
-                if not plan.learnable_scale:
-                    old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
-            grads[t] = update.scale_gradient(g)
+                if g is not None:
+                    if gained is not None:
+                        outputs, output_grads = [gained], [g]
+                    else:
+                        increment_grad = update.gain_gradient(g)
+                        if increment_grad.dtype != increment.dtype:
+                            increment_grad = increment_grad.to(increment.dtype)
+                        outputs, output_grads = [increment], [increment_grad]
+                    if plan.learnable_scale:
+                        outputs.append(update.scale)
+                        output_grads.append((g * arithmetic.view(old)).sum().to(update.scale.dtype))
+                    inputs = [*(leaves[i] for i in plan.others), *(run.params[i] for i in layer_param_indices),
+                              *(arg_leaves[i] for i in trainable_args)]
+                    results = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
+                    del outputs, output_grads, gained, increment, leaves  # the graph is freed before the undo
+                    for i, result in zip(plan.others, results):
+                        grads[i] = _add(grads[i], result)
+                    n_others = len(plan.others)
+                    for i, result in zip(layer_param_indices, results[n_others:]):
+                        param_grads[i] = _add(param_grads[i], result)
+                    for i, result in zip(trainable_args, results[n_others + len(layer_param_indices):]):
+                        arg_grads[i] = _add(arg_grads[i], result)
+                    if not plan.learnable_scale:
+                        old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
+            grads[t] = None if g is None else update.scale_gradient(g)
             tensors[t], buffers[t] = old, buffer
-        if k % _CHECK_EVERY == 0 or local == 0:
+        if every_layer:
+            arithmetic.check_finite(tensors, increments, where, "when re-evaluated in the backward")
+        elif k % _CHECK_EVERY == 0 or local == 0:
             if not arithmetic.all_finite(tensors):  # re-invert from the last finite state to name the layer
                 end, finite_tensors, finite_buffers = checked
                 _inverse_layers(step, stack.layers[local:end], finite_tensors, finite_buffers, args, kwargs,
                                 arithmetic, first=k, seeds=seeds, during="when re-evaluated in the backward")
             checked = (local, tuple(tensors), tuple(buffers))
-    return tuple(grads), arg_grads, param_grads, (tuple(tensors), tuple(buffers))
+    return arg_grads, param_grads
 
 
 def _is_learnable(scale) -> bool:
@@ -472,10 +486,25 @@ def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
 # The autograd function of the reversible mode.
 
 
-_CHUNK = 8
-"""Layers per autograd node of a reversible stack: each chunk hands its parameters' gradients to autograd
-as soon as its backward ends (gradient hooks, such as DDP's reductions, fire progressively, and at most
-one chunk's parameter gradients are held by the engine at a time)."""
+_CHUNK_PARAMETERS = 1 << 20
+"""Parameters per autograd node of a reversible stack: consecutive layers are grouped into chunks of at least
+this many parameter elements (1 Mi: 4 MiB of float32 gradients) or the rest of the stack. Each chunk
+hands its parameters' gradients to autograd as soon as its backward ends, so gradient hooks (DDP's
+reductions) fire progressively and the engine holds one chunk's parameter gradients at a time; small
+layers share a node, whose fixed cost (about 0.3 ms on a CPU) would otherwise dominate them."""
+
+
+def _chunks(params: tuple[Tensor, ...], layer_params: tuple[tuple[int, ...], ...]) -> list[tuple[int, int]]:
+    """``(first, end)`` layer ranges of the chunks: each gathers at least :data:`_CHUNK_PARAMETERS`
+    elements of parameters new to it (the last may have fewer)."""
+    ranges, first, seen, size = [], 0, set(), 0
+    for k, indices in enumerate(layer_params):
+        size += sum(params[i].numel() for i in indices if i not in seen)
+        seen.update(indices)
+        if size >= _CHUNK_PARAMETERS or k == len(layer_params) - 1:
+            ranges.append((first, k + 1))
+            first, seen, size = k + 1, set(), 0
+    return ranges
 
 
 @dataclass
@@ -485,8 +514,9 @@ class _Chain:
     Attributes:
         forward_state: in fixed point, the exact state (tensors, buffers) a chunk's forward ended with,
             which the next chunk continues from (its floating-point input only links the graph).
-        boundaries: in the backward, the state (tensors, buffers) a chunk reconstructed at its input,
-            keyed by the number of its first layer: the output state of the chunk before it.
+        boundaries: in the backward, the state (tensors, buffers) a chunk is to start from, keyed by the
+            number of the layer it enters: the output of the stack (left by :class:`_SavedOutput`), then
+            the input each chunk reconstructed, which is the output of the chunk before it.
         non_finite: where the forward first produced NaN/inf, if it did.
     """
 
@@ -500,7 +530,7 @@ class _Run:
     """One chunk of a call of a reversible stack: its layers, how its flat inputs are laid out, the arithmetic.
 
     ``first`` is the number of the chunk's first layer in the whole stack, ``last`` whether the chunk ends
-    it (the only one whose output state is saved), ``chain`` what the chunks of the call share.
+    it (its output state goes to :class:`_SavedOutput`), ``chain`` what the chunks of the call share.
     """
 
     stack: Stack
@@ -520,7 +550,7 @@ class _Run:
     def parameters_changed(self) -> bool:
         """Whether the stack's trainable parameters are no longer the tensors recorded by the forward."""
         params, _ = self.stack.parameters()
-        return len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params))
+        return len(params) != len(self.params) or {id(p) for p in params} != {id(p) for p in self.params}
 
     def arguments(self, tensors: Sequence[Tensor]) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` with ``tensors`` in place of their tensor leaves."""
@@ -561,9 +591,9 @@ def _layer_parameters(functions: Functions) -> tuple[Tensor, ...]:
 
 
 class _ReversibleFunction(torch.autograd.Function):
-    """One chunk of a reversible stack (:class:`_Run`): the forward keeps no state unless the chunk is the
-    last; the backward takes its output state from the chunk after it (:class:`_Chain`), inverts its layers
-    and leaves their input state for the chunk before it."""
+    """One chunk of a reversible stack (:class:`_Run`): the forward keeps no state; the backward takes its
+    output state from the chain (:class:`_Chain`), inverts its layers and leaves their input state there
+    for the chunk before it."""
 
     @staticmethod
     def forward(ctx, run: _Run, *inputs: Tensor):
@@ -573,6 +603,7 @@ class _ReversibleFunction(torch.autograd.Function):
         args, kwargs = run.arguments(arg_tensors)
         ctx.autocast = AutocastState.capture(accelerator_devices(state))
         ctx.run = run
+        ctx.set_materialize_grads(False)  # a gradient autograd has none of stays None (no zero tensor)
         step, chain = run.stack.step(), run.chain
         if run.frac_bits is None:
             arithmetic = _FloatArithmetic()
@@ -592,10 +623,9 @@ class _ReversibleFunction(torch.autograd.Function):
                     chain.non_finite = _first_non_finite_layer(step, run.stack.layers, run.first, tuple(state), args,
                                                                kwargs, run.seeds)
         ctx.arithmetic = arithmetic
-        ctx.buffers = buffers if run.last else None
-        if not run.last and run.frac_bits is not None:
+        if run.frac_bits is not None:
             chain.forward_state = (tensors, buffers)
-        ctx.save_for_backward(*(tensors if run.last else ()), *arg_tensors, *(state if run.keep_input else ()))
+        ctx.save_for_backward(*arg_tensors, *(state if run.keep_input else ()))
         return tuple(arithmetic.view(c) for c in tensors)
 
     @staticmethod
@@ -610,29 +640,25 @@ class _ReversibleFunction(torch.autograd.Function):
                 f"({run.chain.non_finite}); this is not an inversion error. Check the input and the weights "
                 "(a diverging learning rate makes them non-finite)"
             )
-        saved = list(ctx.saved_tensors)
-        kept_input = tuple(c.detach() for c in saved[len(saved) - run.n_state :]) if run.keep_input else None
+        arg_tensors = list(ctx.saved_tensors)
+        kept_input = tuple(c.detach() for c in arg_tensors[len(arg_tensors) - run.n_state :]) if run.keep_input else None
         if run.keep_input:
-            del saved[len(saved) - run.n_state :]
-        if run.last:
-            tensors, buffers, arg_tensors = tuple(saved[: run.n_state]), ctx.buffers, saved[run.n_state :]
-        else:
-            (tensors, buffers), arg_tensors = run.chain.boundaries.pop(run.first + len(run.stack.layers)), saved
+            del arg_tensors[len(arg_tensors) - run.n_state :]
+        tensors, buffers = (list(v) for v in run.chain.boundaries.pop(run.first + len(run.stack.layers)))
         arithmetic = ctx.arithmetic
-        grads = tuple(
-            g if g is not None else torch.zeros_like(arithmetic.view(c)) for g, c in zip(output_grads, tensors, strict=True)
-        )
         arg_leaves = tuple(
             a.detach().requires_grad_() if ctx.needs_input_grad[1 + run.n_state + i] else a.detach()
             for i, a in enumerate(arg_tensors)
         )
         args, kwargs = run.arguments(arg_leaves)
+        grads = list(output_grads)
+        del output_grads  # the lists own the state and its gradients: rewritten layer by layer
         with ctx.autocast.restored(), run.seeds.forked(), preserved_running_stats(run.norm_modules):
-            state_grads, arg_grads, param_grads, reconstructed = _backward_layers(
-                run, tensors, buffers, grads, args, kwargs, arg_leaves, arithmetic, run.seeds, kept_input
-            )
+            arg_grads, param_grads = _backward_layers(run, tensors, buffers, grads, args, kwargs, arg_leaves,
+                                                      arithmetic, run.seeds, kept_input)
         if run.first > 0 and any(ctx.needs_input_grad[1 : 1 + run.n_state]):  # the previous chunk's backward runs
-            run.chain.boundaries[run.first] = reconstructed
+            run.chain.boundaries[run.first] = (tuple(tensors), tuple(buffers))
+        del tensors, buffers
         offset = 1 + run.n_state
         if any(g is None for g in param_grads) and _sharded_functions(run.stack):
             raise RuntimeError(
@@ -641,11 +667,36 @@ class _ReversibleFunction(torch.autograd.Function):
                 "so the parameters the engine recorded would silently get no gradient; shard the whole stack "
                 "instead (fully_shard(net) on the reversible network, as revnets.training.fsdp does)"
             )
-        state_grads = [g if ctx.needs_input_grad[1 + i] else None for i, g in enumerate(state_grads)]
+        state_grads = [g if ctx.needs_input_grad[1 + i] else None for i, g in enumerate(grads)]
         arg_grads = [g if ctx.needs_input_grad[offset + i] else None for i, g in enumerate(arg_grads)]
         offset += len(arg_tensors)
         param_grads = [g if ctx.needs_input_grad[offset + i] else None for i, g in enumerate(param_grads)]
         return (None, *state_grads, *arg_grads, *param_grads)
+
+
+class _SavedOutput(torch.autograd.Function):
+    """The end of a reversible stack: the one node that keeps its output state (and, in fixed point, the
+    exact state and buffers) for the backward, as ``save_for_backward`` does (refusing outputs modified
+    in place since, and keeping them for a backward with ``retain_graph=True``). Its backward, which runs
+    first, hands the state to the last chunk through the chain and returns the gradients unchanged, so
+    that autograd drops its reference at once: each tensor of the state is then freed as soon as the
+    chunks' backward has replaced it by its reconstruction."""
+
+    @staticmethod
+    def forward(ctx, chain: _Chain, depth: int, *outputs: Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.chain, ctx.depth = chain, depth
+        exact, chain.forward_state = chain.forward_state, None
+        ctx.buffers = None if exact is None else exact[1]
+        ctx.save_for_backward(*(outputs if exact is None else exact[0]))
+        return tuple(c.view_as(c) for c in outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        tensors = ctx.saved_tensors
+        ctx.chain.boundaries[ctx.depth] = (tensors, (None,) * len(tensors) if ctx.buffers is None else ctx.buffers)
+        return (None, None, *grads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -738,18 +789,22 @@ def _run_reversible(stack, state, args, kwargs, leaves, arg_spec, arg_tensors, f
                     seeds: LayerSeeds | None = None) -> State:
     """The reversible (or exact) strategy, run eagerly: ``torch.compile`` breaks the graph here, once per
     stack, since the RNG snapshots and the hand-written backward of :class:`_ReversibleFunction` are not
-    traceable; the functions inside run uncompiled. One autograd node per :data:`_CHUNK` layers."""
+    traceable; the functions inside run uncompiled. One autograd node per chunk of layers (:func:`_chunks`)."""
     if not needs_graph:
         return run_exact(stack, ExactState.from_float(state, frac_bits), args, kwargs).to_float()
     seeds = LayerSeeds.draw(accelerator_devices(state)) if seeds is None else seeds
+    params, layer_params = stack.parameters()
     chain, depth = _Chain(), len(stack.layers)
-    for first in range(0, depth, _CHUNK):
-        chunk = Stack(stack.step, stack.layers[first : first + _CHUNK], stack.coefficients)
-        params, layer_params = chunk.parameters()
-        plan = _Run(chunk, len(state), arg_spec, tuple(leaves), params, layer_params, frac_bits, seeds, chain, first,
-                    first + _CHUNK >= depth, chunk.norm_modules(), keep_input and frac_bits is None and first == 0)
-        state = _ReversibleFunction.apply(plan, *state, *arg_tensors, *params)
-    return state
+    for first, end in _chunks(params, layer_params):
+        chunk = Stack(stack.step, stack.layers[first:end], stack.coefficients)
+        used = list(dict.fromkeys(i for indices in layer_params[first:end] for i in indices))  # in order, once
+        local = {i: position for position, i in enumerate(used)}
+        chunk_params = tuple(params[i] for i in used)
+        plan = _Run(chunk, len(state), arg_spec, tuple(leaves), chunk_params,
+                    tuple(tuple(local[i] for i in indices) for indices in layer_params[first:end]), frac_bits, seeds,
+                    chain, first, end == depth, chunk.norm_modules(), keep_input and frac_bits is None and first == 0)
+        state = _ReversibleFunction.apply(plan, *state, *arg_tensors, *chunk_params)
+    return _SavedOutput.apply(chain, depth, *state)
 
 
 def _checkpoint_layers(stack: Stack, state: State, args: tuple, kwargs: dict, *, protect_running_stats: bool) -> State:
