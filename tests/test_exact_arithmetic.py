@@ -17,6 +17,7 @@ from revnets.autograd.exact import (
     InformationBuffer,
     _packbits,
     _unpackbits,
+    add_exact,
     check_range,
     dequantize,
     exact_ratio,
@@ -502,3 +503,65 @@ def test_fused_kernels_spill_and_unspill_as_the_buffer_does() -> None:
                                                   increment, 32, gain=0.1))
     restored, back = unscale_sub_exact(new, Fraction(9, 10), pushed, increment, 32, gain=0.1)
     assert torch.equal(restored, q) and torch.equal(back.head, buffer.head) and back.top is None
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float32 or float64 tensor (so that -0.0 and 0.0 differ)."""
+    return x.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
+
+
+def wide_integers(seed: int, shape: tuple[int, ...], bound: int) -> torch.Tensor:
+    """int64 in ``[-bound, bound]``, with the extremes, small values and zero among them."""
+    q = randint(seed, -bound, bound, shape).view(-1)
+    specials = torch.tensor([bound, -bound, 0, 1, -1, 3, -(2**63) if bound == 2**63 - 1 else -bound])
+    q[: specials.numel()] = specials[: q.numel()]
+    return q.view(shape)
+
+
+frac_bits_anywhere = st.sampled_from([0, 16, 32, 60, 100, 140, 160, 1100])  # 2^-F underflows float32 beyond 149
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(seed=seeds, shape=st.lists(st.integers(1, 40), min_size=0, max_size=2).map(tuple),
+       bound=st.sampled_from([2**20, 2**46, 2**53, 2**63 - 1]), frac_bits=frac_bits_anywhere,
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_dequantize_kernel_gives_the_bits_of_the_separate_operations(seed, shape, bound, frac_bits, dtype) -> None:
+    q = wide_integers(seed, shape, bound) if shape != () else torch.tensor(bound)
+    assert exact._integer_kernel("view", dtype, q) is not None
+    fused = dequantize(q, frac_bits, dtype)
+    plain = separately(dequantize, q, frac_bits, dtype)
+    assert fused.dtype == plain.dtype == dtype and fused.shape == q.shape
+    assert torch.equal(bits(fused), bits(plain))
+
+
+@needs_kernels
+@settings(max_examples=300, deadline=None)
+@given(seed=seeds, shape=st.lists(st.integers(1, 40), min_size=1, max_size=2).map(tuple),
+       bound=st.sampled_from([2**20, 2**45, 2**46, 2**63 - 1]), frac_bits=frac_bits_anywhere,
+       dtype=st.sampled_from([torch.float32, torch.float64]), subtract=st.booleans(),
+       checked=st.booleans())
+def test_add_kernel_gives_the_bits_and_errors_of_the_separate_operations(
+    seed, shape, bound, frac_bits, dtype, subtract: bool, checked: bool
+) -> None:
+    """In range, beyond ``±2^46`` (an error only if checked) and wrapping past ``±2^63`` as torch does."""
+    q, increment = wide_integers(seed, shape, bound), wide_integers(seed + 1, shape, bound)
+    options = {"subtract": subtract, "what": "x'" if checked else None}
+    fused = outcome(add_exact, q, increment, frac_bits, dtype, **options)
+    plain = separately(add_exact, q, increment, frac_bits, dtype, **options)
+    if isinstance(plain[0], type):
+        assert fused == plain
+        return
+    (new, view), (plain_new, plain_view) = fused, plain
+    assert plain_view is None and torch.equal(new, plain_new) and torch.equal(new, q - increment if subtract else q + increment)
+    assert torch.equal(bits(view), bits(separately(dequantize, plain_new, frac_bits, dtype)))
+
+
+def test_add_exact_leaves_what_the_kernel_cannot_take_to_torch() -> None:
+    """bfloat16 views, empty and non-contiguous tensors: the torch operation, no view; still range-checked."""
+    q = torch.arange(12, dtype=torch.int64).view(3, 4)
+    for a, b, dtype in ((q, q, torch.bfloat16), (q[:0], q[:0], torch.float32), (q.t(), q.t(), torch.float32)):
+        new, view = add_exact(a, b, 32, dtype, what="x'")
+        assert view is None and torch.equal(new, a + b)
+    with pytest.raises(OverflowError, match="x': fixed-point magnitude"):
+        add_exact(q.t() * SAFE_LIMIT, q.t(), 32, torch.float32, what="x'")

@@ -387,3 +387,25 @@ def test_fused_and_separate_arithmetic_give_the_same_bits(dtype, monkeypatch):
     assert torch.equal(out, plain_out) and state.equal(plain_state)
     assert all(torch.equal(a.head, b.head) for a, b in zip(state.buffers, plain_state.buffers, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
+
+
+@pytest.mark.skipif(exact._kernels() is None, reason="no C compiler: only the separate operations run")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_view_made_with_a_copy_update_is_handed_out_once(dtype):
+    """``x ← x + v`` makes the view of the new x in the same pass; the next view of that x is it, once
+    (a function may modify its input in place), then a fresh dequantisation with the same bits."""
+    from revnets.autograd.engine import _FixedPointArithmetic
+    from revnets.steps.base import Update
+
+    arithmetic = _FixedPointArithmetic(32, dtype, (Fraction(1),))
+    x, v = (exact.quantize(inputs(seed, dtype=dtype), 32) for seed in (1, 2))
+    buffer = exact.InformationBuffer.empty(x)
+    new, _ = arithmetic.apply(0, Update.copy(0, 1), x, buffer, v, "layer 0")
+    expected = new.to(dtype).mul_(2.0**-32)
+    first = arithmetic.view(new)
+    assert torch.equal(first, expected)
+    first.mul_(2)  # a function modifying its input in place
+    second = arithmetic.view(new)
+    assert second is not first and torch.equal(second, expected)
+    old, _ = arithmetic.undo(0, Update.copy(0, 1), new, buffer, v, "layer 0")
+    assert torch.equal(old, x) and torch.equal(arithmetic.view(old), x.to(dtype).mul_(2.0**-32))

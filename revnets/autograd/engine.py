@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from ..steps.base import State, Step, Update
 from .exact import (
     InformationBuffer,
-    check_range,
+    add_exact,
     dequantize,
     exact_ratio,
     quantize,
@@ -176,18 +176,34 @@ class _FloatArithmetic:
 
 @dataclass(frozen=True)
 class _FixedPointArithmetic:
-    """Fixed-point state: ``q' = scale_exact(q, n/d) + round(c·u·2^F)`` and its exact inverse."""
+    """Fixed-point state: ``q' = scale_exact(q, n/d) + round(c·u·2^F)`` and its exact inverse.
+
+    An update adding a component (``x ← x + v``) makes the floating-point view of its result in the same
+    pass (:func:`~revnets.autograd.exact.add_exact`); the arithmetic keeps the last such view and hands it
+    out once, to the next :meth:`view` of that very tensor (the engine never modifies a state tensor in
+    place: every update makes new ones), instead of dequantising again.
+    """
 
     frac_bits: int
     dtype: torch.dtype
     ratios: tuple[Fraction, ...]
+    _made_view: list = field(default_factory=lambda: [None, None], init=False, compare=False, repr=False)
+    """``[tensor, view]``: the view an update made of its result ``tensor``, until handed out."""
 
     @classmethod
     def for_step(cls, step: Step, frac_bits: int, dtype: torch.dtype) -> _FixedPointArithmetic:
         return cls(frac_bits, dtype, tuple(exact_ratio(u.scale, name="the update's scale (γ for MomentumNet)") for u in step.updates))
 
     def view(self, component: Tensor) -> Tensor:
+        """``dequantize(component)``: the view the last update made of it if that is ``component``, once."""
+        made = self._made_view
+        if made[0] is component:
+            view, made[:] = made[1], (None, None)
+            return view
         return dequantize(component, self.frac_bits, self.dtype)
+
+    def _keep_view(self, tensor: Tensor, view: Tensor | None) -> None:
+        self._made_view[:] = (tensor, view) if view is not None else (None, None)
 
     def copy_increment(self, update: Update, tensors: tuple[Tensor, ...]) -> Tensor:
         """The increment of an update that adds a component (``Update.copy``): with an integer gain, the
@@ -206,17 +222,18 @@ class _FixedPointArithmetic:
                                    result=f"the state after {where}")  # every state is checked: old too
         if self.ratios[j] != 1:  # copy_increment: already exact
             old, buffer = scale_exact(old, self.ratios[j], buffer, input_in_range=True)
-        new = old + increment
-        check_range(new, what=f"the state after {where}")
+        new, view = add_exact(old, increment, self.frac_bits, self.dtype, what=f"the state after {where}")
+        self._keep_view(new, view)
         return new, buffer
 
     def undo(self, j: int, update: Update, new: Tensor, buffer: InformationBuffer, increment: Tensor, where: str):
         if increment.dtype != torch.int64:
             return unscale_sub_exact(new, self.ratios[j], buffer, increment.detach().to(self.dtype), self.frac_bits,
                                      gain=update.gain, what=f"the output of a function at {where}")
-        old = new - increment
         if self.ratios[j] != 1:
-            old, buffer = unscale_exact(old, self.ratios[j], buffer)
+            return unscale_exact(new - increment, self.ratios[j], buffer)
+        old, view = add_exact(new, increment, self.frac_bits, self.dtype, subtract=True)
+        self._keep_view(old, view)
         return old, buffer
 
     @staticmethod

@@ -38,6 +38,7 @@ __all__ = [
     "MAX_DENOMINATOR",
     "SAFE_LIMIT",
     "InformationBuffer",
+    "add_exact",
     "check_range",
     "dequantize",
     "exact_ratio",
@@ -172,7 +173,10 @@ def quantize(x: torch.Tensor, frac_bits: int, *, what: str = "value", gain: floa
 
 
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Return ``q / 2^F`` as ``dtype``, rounded once (deterministic).
+    """Return ``q / 2^F`` as ``dtype``, rounded once (deterministic): ``fl(fl(q)·2^-F)``, ``q`` rounded to
+    ``dtype`` and multiplied by ``2^-F`` taken in ``dtype`` (exact unless it underflows). On a
+    contiguous CPU tensor and float32 or float64, one pass of a compiled kernel (see :func:`_kernels`),
+    with the same bits.
 
     Args:
         q: int64 fixed-point integers of any shape, ``|q| ≤ 2^53`` for an exact float64 step.
@@ -180,6 +184,11 @@ def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Ten
         dtype: floating dtype of the result.
     """
     _check_frac_bits(frac_bits)
+    kernel = _integer_kernel("view", dtype, q)
+    if kernel is not None:  # the same two steps in one pass
+        view = torch.empty_like(q, dtype=dtype)
+        kernel(q.numel(), q.data_ptr(), 2.0**-frac_bits, view.data_ptr())
+        return view
     # Rounding to dtype commutes with the exact scaling by 2^-F: one rounding, as in float64 then dtype.
     return q.to(dtype).mul_(2.0**-frac_bits)
 
@@ -497,7 +506,7 @@ def unscale_exact(
 
 
 # --------------------------------------------------------------------------------------------------
-# Fused CPU kernels: quantise, scale and add in one pass over memory.
+# Fused CPU kernels: quantise, scale and add in one pass over memory; add and dequantise in one pass.
 
 _KERNEL_SOURCE = r"""
 #include <stdint.h>
@@ -561,13 +570,45 @@ void NAME(i64 count, const i64 *new_, const i64 *head, const T *inc, double fact
     stats[0] = bad; stats[1] = lo; stats[2] = hi; stats[3] = lo2; stats[4] = hi2; \
 }
 
+/* new = old ± inc (wrapping, as torch's int64 arithmetic), view = (T)new · (T)scale: new rounded once to T,
+   times the power of two scale in T (dequantize's two steps). stats: [0] min and [1] max of new (and 0). */
+#define COMBINE(NAME, T, OP) \
+void NAME(i64 count, const i64 *old, const i64 *inc, double scale, i64 *out, T *view, i64 *stats) { \
+    const T s = (T)scale; i64 lo = 0, hi = 0; \
+    for (i64 i = 0; i < count; i++) { \
+        i64 v = (i64)((uint64_t)old[i] OP (uint64_t)inc[i]); out[i] = v; view[i] = (T)v * s; \
+        lo = v < lo ? v : lo; hi = v > hi ? v : hi; \
+    } \
+    stats[0] = lo; stats[1] = hi; \
+}
+
+/* view = (T)q · (T)scale, as above. */
+#define VIEW(NAME, T) \
+void NAME(i64 count, const i64 *q, double scale, T *view) { \
+    const T s = (T)scale; \
+    for (i64 i = 0; i < count; i++) view[i] = (T)q[i] * s; \
+}
+
 APPLY(apply_f32, float)
 APPLY(apply_f64, double)
 UNDO(undo_f32, float)
 UNDO(undo_f64, double)
+COMBINE(add_f32, float, +)
+COMBINE(add_f64, double, +)
+COMBINE(sub_f32, float, -)
+COMBINE(sub_f64, double, -)
+VIEW(view_f32, float)
+VIEW(view_f64, double)
 """
 
-_KERNEL_FUNCTIONS = ("apply_f32", "apply_f64", "undo_f32", "undo_f64")
+_KERNEL_SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}  # the floating dtypes of the kernels
+_KERNEL_SIGNATURES = {  # argument types of each kind of kernel, "<kind>_f32" and "<kind>_f64"
+    "apply": ("n", "p", "p", "p", "r", "r", "r", "p", "p", "p"),
+    "undo": ("n", "p", "p", "p", "r", "r", "r", "p", "p", "p"),
+    "add": ("n", "p", "p", "r", "p", "p", "p"),
+    "sub": ("n", "p", "p", "r", "p", "p", "p"),
+    "view": ("n", "p", "r", "p"),
+}
 _KERNEL_MAX_DENOMINATOR = 63
 
 
@@ -611,11 +652,12 @@ def _kernels() -> ctypes.CDLL | None:
         kernels = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError):
         return None
-    pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    for name in _KERNEL_FUNCTIONS:
-        function = getattr(kernels, name)
-        function.argtypes = (integer, pointer, pointer, pointer, real, real, real, pointer, pointer, pointer)
-        function.restype = None
+    types = {"n": ctypes.c_int64, "p": ctypes.c_void_p, "r": ctypes.c_double}
+    for kind, signature in _KERNEL_SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            function = getattr(kernels, f"{kind}_{suffix}")
+            function.argtypes = tuple(types[t] for t in signature)
+            function.restype = None
     return kernels
 
 
@@ -623,21 +665,75 @@ def _fused_kernel(kind: str, q: torch.Tensor, buffer: InformationBuffer, increme
     """The kernel ``kind`` ("apply" or "undo") for these operands, or ``None`` where it does not apply.
 
     It needs contiguous non-empty CPU tensors, a float32 or float64 increment and a contraction
-    ``0 < |n| < d ≤ 63`` with ``(⌊2^47/|n|⌋ + 1)·d ≤ 2^51``: then every intermediate of the kernel's
-    float64 arithmetic is an integer below ``2^52`` (``|q·n|, |q·d| ≤ 2^46·63``, heads ``< 2^51``), exact.
+    ``0 < |n| < d ≤ 63`` with ``(⌊2^47/|n|⌋ + 1)·d ≤ 2^51`` (:func:`_kernel_ratio`).
     """
-    if not (0 < abs(n) < d <= _KERNEL_MAX_DENOMINATOR and ((1 << 47) // abs(n) + 1) * d <= 1 << 51):
+    suffix = _KERNEL_SUFFIXES.get(increment.dtype)
+    if suffix is None or not _kernel_ratio(n, d) or not (q.is_cpu and increment.is_cpu and q.numel()):
         return None
-    if q.device.type != "cpu" or increment.dtype not in (torch.float32, torch.float64):
-        return None
-    if q.numel() == 0 or increment.device.type != "cpu" or increment.shape != q.shape:
-        return None
-    if not (q.is_contiguous() and buffer.head.is_contiguous() and increment.is_contiguous()):
+    if increment.shape != q.shape or not (q.is_contiguous() and buffer.head.is_contiguous() and increment.is_contiguous()):
         return None
     kernels = _kernels()
-    if kernels is None:
+    return None if kernels is None else getattr(kernels, f"{kind}_{suffix}")
+
+
+@functools.cache
+def _kernel_ratio(n: int, d: int) -> bool:
+    """Whether the kernels of :func:`_fused_kernel` take the contraction ``n/d``: ``0 < |n| < d ≤ 63`` and
+    ``(⌊2^47/|n|⌋ + 1)·d ≤ 2^51``, so that every intermediate of their float64 arithmetic is an integer
+    below ``2^52`` (``|q·n|, |q·d| ≤ 2^46·63``, heads ``< 2^51``), exact."""
+    return 0 < abs(n) < d <= _KERNEL_MAX_DENOMINATOR and ((1 << 47) // abs(n) + 1) * d <= 1 << 51
+
+
+def _integer_kernel(kind: str, dtype: torch.dtype, q: torch.Tensor, other: torch.Tensor | None = None):
+    """The kernel ``kind`` ("add", "sub" or "view") making a ``dtype`` view from int64 ``q`` (and ``other``),
+    or ``None`` unless they are contiguous non-empty CPU tensors of one shape and ``dtype`` is float32
+    or float64."""
+    suffix = _KERNEL_SUFFIXES.get(dtype)
+    if suffix is None or not (q.dtype == torch.int64 and q.is_cpu and q.is_contiguous() and q.numel()):
         return None
-    return getattr(kernels, f"{kind}_{'f32' if increment.dtype == torch.float32 else 'f64'}")
+    if other is not None and not (other.dtype == torch.int64 and other.is_cpu and other.is_contiguous()
+                                  and other.shape == q.shape):
+        return None
+    kernels = _kernels()
+    return None if kernels is None else getattr(kernels, f"{kind}_{suffix}")
+
+
+def add_exact(
+    q: torch.Tensor, increment: torch.Tensor, frac_bits: int, dtype: torch.dtype, *, subtract: bool = False,
+    what: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``q' = q + increment`` (``q − increment`` if ``subtract``) of int64 tensors, and its view
+    ``dequantize(q', frac_bits, dtype)`` where it comes from the same pass.
+
+    On contiguous CPU tensors of one shape and a float32 or float64 ``dtype`` one pass of a compiled
+    kernel (see :func:`_kernels`) computes ``q'``, its view ``fl(fl(q')·2^-F)`` and its extremes;
+    elsewhere the torch operation runs and the view is ``None`` (not computed). The same integers
+    either way (wrapping as int64 arithmetic does).
+
+    Args:
+        q, increment: int64 tensors.
+        frac_bits: number of fractional bits ``F`` of the view.
+        dtype: floating dtype of the view.
+        subtract: subtract ``increment`` instead of adding it.
+        what: if given, what ``q'`` holds: it is then range-checked as :func:`check_range` does.
+
+    Returns:
+        ``q'``, and its view or ``None``.
+
+    Raises:
+        OverflowError: ``what`` is given and some ``|q'| > 2^46``.
+    """
+    kernel = _integer_kernel("sub" if subtract else "add", dtype, q, increment)
+    if kernel is None:
+        new = q - increment if subtract else q + increment
+        if what is not None:
+            check_range(new, what=what)
+        return new, None
+    new, view, stats = torch.empty_like(q), torch.empty_like(q, dtype=dtype), (ctypes.c_int64 * 2)()
+    kernel(q.numel(), q.data_ptr(), increment.data_ptr(), 2.0**-frac_bits, new.data_ptr(), view.data_ptr(), stats)
+    if what is not None and not (-SAFE_LIMIT <= stats[0] and stats[1] <= SAFE_LIMIT):
+        check_range(new, what=what)  # raises, with its message
+    return new, view
 
 
 def _run_kernel(kernel, q: torch.Tensor, head: torch.Tensor, increment: torch.Tensor, factor: float, n: int, d: int,
