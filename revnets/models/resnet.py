@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from ..autograd.engine import checkpoint_call
 from ..convert.momentum import ConvertedStage, convert_to_momentum
 from ..convert.residual import ResidualFunction
 from ..nn.coupling import RevNet
@@ -62,8 +63,26 @@ class CifarResNet(ZooModel):
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.stem(x)  # (B, 64, H, W)
-        for stage in self.stages():
+        """``(B, in_channels, H, W)`` images to ``(B, num_features)`` pooled features.
+
+        When the stem and a converted first stage both checkpoint (``"reversible"`` or ``"checkpoint"``
+        mode, with grad), the stem and that stage's first block run as ONE checkpointed segment: it
+        holds only the images until the backward, instead of the stem's ``(B, 64, H, W)`` output, which
+        the first stage's reversible backward (the widest stage: the peak of the step) would otherwise
+        have to keep alive. The stem keeps its own checkpoint inside the segment (it is evaluated once
+        more, a 3×3 convolution of the images), so recomputing the segment holds no more than
+        recomputing the block alone. Outputs and gradients are those of the separate calls.
+        """
+        stages = self.stages()
+        first = stages[0]
+        if (isinstance(first, ConvertedStage) and first.mode != "autograd" and self.stem.mode != "autograd"
+                and torch.is_grad_enabled()):
+            segment = nn.Sequential(self.stem, first[0])  # transient: registers nothing on the model
+            x = first[1](checkpoint_call(segment, x))  # (B, C_1, H, W)
+            stages = stages[1:]
+        else:
+            x = self.stem(x)  # (B, 64, H, W)
+        for stage in stages:
             x = stage(x)  # (B, C_k, H/2^k, W/2^k)
         return torch.flatten(self.pool(x), 1)  # (B, num_features)
 
