@@ -546,8 +546,8 @@ class _Chain:
 class _Run:
     """One chunk of a call of a reversible stack: its layers, how its flat inputs are laid out, the arithmetic.
 
-    ``first`` is the number of the chunk's first layer in the whole stack, ``last`` whether the chunk ends
-    it (its output state goes to :class:`_SavedOutput`), ``chain`` what the chunks of the call share.
+    ``first`` is the number of the chunk's first layer in the whole stack, ``chain`` what the chunks of
+    the call share (the last chunk's output state goes to :class:`_SavedOutput`).
     """
 
     stack: Stack
@@ -560,7 +560,6 @@ class _Run:
     seeds: LayerSeeds
     chain: _Chain
     first: int = 0
-    last: bool = True
     norm_modules: tuple = field(default=())
     keep_input: bool = False
 
@@ -819,7 +818,7 @@ def _run_reversible(stack, state, args, kwargs, leaves, arg_spec, arg_tensors, f
         chunk_params = tuple(params[i] for i in used)
         plan = _Run(chunk, len(state), arg_spec, tuple(leaves), chunk_params,
                     tuple(tuple(local[i] for i in indices) for indices in layer_params[first:end]), frac_bits, seeds,
-                    chain, first, end == depth, chunk.norm_modules(), keep_input and frac_bits is None and first == 0)
+                    chain, first, chunk.norm_modules(), keep_input and frac_bits is None and first == 0)
         state = _ReversibleFunction.apply(plan, *state, *arg_tensors, *chunk_params)
     return _SavedOutput.apply(chain, depth, *state)
 
