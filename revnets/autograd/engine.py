@@ -8,7 +8,12 @@ The engine runs it under one of three memory strategies (``mode``):
     the layers in reverse: for each update ``s_i <- a·s_i + u(s_{j≠i})`` it evaluates ``u`` once with
     autograd on, uses that value to rebuild ``s_i`` (``(s_i' − u)/a``) and takes the vector-Jacobian
     product of the same evaluation. Memory held after the forward does not depend on depth; the
-    cost is one extra evaluation of every function (about 4/3 of plain backprop).
+    cost is one extra evaluation of every function (about 4/3 of plain backprop). The stack is a
+    chain of autograd nodes (:class:`_ReversibleFunction`, one per chunk of about
+    :data:`_CHUNK_PARAMETERS` parameters) that hand each other the state outside autograd
+    (:class:`_Chain`), ended by :class:`_SavedOutput`, the one node that keeps the output state:
+    parameter gradients reach autograd chunk by chunk, and each state tensor is freed as soon as
+    its reconstruction replaces it.
 ``"autograd"``
     Plain backpropagation through the same updates: the reference.
 ``"checkpoint"``
