@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from revnets.memory import StorageTracker, mib
+from revnets.memory import mib, sgd_step_peak
 from revnets.models import create_model
 
 
@@ -20,18 +20,8 @@ def step_peak(name: str, mode: str, batch: int, side: int) -> tuple[int, int]:
     """Parameters of ``name`` and the peak bytes created by its second SGD step in ``mode``."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).train().set_mode(mode)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     images, labels = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    step()  # creates the momentum buffers
-    with StorageTracker() as tracker:
-        step()
-    return sum(p.numel() for p in model.parameters()), tracker.peak_bytes
+    return sum(p.numel() for p in model.parameters()), sgd_step_peak(model, images, labels)
 
 
 def main() -> None:

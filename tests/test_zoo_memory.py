@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import revnets
-from revnets.memory import StorageTracker
+from revnets.memory import StorageTracker, sgd_step_peak
 from revnets.models import create_model
 
 
@@ -19,18 +19,7 @@ def step_peak(name: str, mode: str, batch: int, side: int) -> int:
     """Peak bytes created by the second SGD step of zoo model ``name`` in ``mode`` on ``(batch, 3, side, side)``."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).train().set_mode(mode)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    images, labels = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    step()  # creates the momentum buffers
-    with StorageTracker() as tracker:
-        step()
-    return tracker.peak_bytes
+    return sgd_step_peak(model, torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,)))
 
 
 @pytest.mark.parametrize("name", ["momentum_resnet18", "revnet18", "hamiltonian38", "midpoint38", "leapfrog38"])

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..memory import StorageTracker
+from ..memory import StorageTracker, mib as memory_mib
 from ..training.data import crop_flip
 from ..training.devices import resolve_device as resolve_device  # noqa: F401  (the trainer's device rule and errors)
 from ..nn import MomentumNet
@@ -215,8 +215,8 @@ def training_step_memory(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor
 
 
 def mib(n: float | None) -> float | None:
-    """Bytes to MiB (``None`` stays ``None``)."""
-    return None if n is None else n / 2**20
+    """:func:`revnets.memory.mib`, with ``None`` (not measured) staying ``None``."""
+    return None if n is None else memory_mib(n)
 
 
 # --------------------------------------------------------------------------------------------------
