@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
-from ..steps.base import State, Step, Update
+from ..steps.base import State, Step, Update, times_constant
 from .exact import (
     InformationBuffer,
     add_exact,
@@ -429,6 +429,7 @@ def _backward_layers(run, tensors: list, buffers: list, grads: list, args, kwarg
                 step = stack.step()
             plans = _BackwardUpdate.plan(step, len(tensors))
         layer_param_indices = run.layer_params[local]
+        layer_numel = sum(run.params[i].numel() for i in layer_param_indices)
         if step.order is not None:
             for values in (tensors, buffers, grads):
                 values[:] = step.unpermute(tuple(values))
@@ -443,8 +444,7 @@ def _backward_layers(run, tensors: list, buffers: list, grads: list, args, kwarg
             if plan.copies:  # u = s[source] (x <- x + v)
                 increment = arithmetic.copy_increment(update, tensors)
                 old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], increment, where)
-                if g is not None:
-                    grads[update.source] = _add(grads[update.source], update.gain_gradient(g))
+                grads[update.source] = _add_scaled(grads[update.source], g, update.gain)
             else:
                 if update.calls_functions:
                     seeds.seed(k, j)
@@ -458,8 +458,15 @@ def _backward_layers(run, tensors: list, buffers: list, grads: list, args, kwarg
                 if plan.learnable_scale or g is None:  # its VJP reads the old value
                     old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
                 if g is not None:
+                    factor = 1  # the gain, where it scales the VJP's results rather than g
                     if gained is not None:
                         outputs, output_grads = [gained], [g]
+                    elif (not plan.learnable_scale and not isinstance(update.gain, Tensor) and g.dtype == increment.dtype
+                          and g.numel() > layer_numel):
+                        # c·VJP(g) rather than VJP(c·g) when g outweighs the parameters: no c·g tensor held through
+                        # the VJP (the peak of the backward), the state's gradients take c in their accumulation
+                        # (one kernel) and only the smaller parameter gradients are multiplied
+                        factor, outputs, output_grads = update.gain, [increment], [g]
                     else:
                         increment_grad = update.gain_gradient(g)
                         if increment_grad.dtype != increment.dtype:
@@ -473,12 +480,12 @@ def _backward_layers(run, tensors: list, buffers: list, grads: list, args, kwarg
                     results = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
                     del outputs, output_grads, gained, increment, leaves  # the graph is freed before the undo
                     for i, result in zip(plan.others, results):
-                        grads[i] = _add(grads[i], result)
+                        grads[i] = _add_scaled(grads[i], result, factor)
                     n_others = len(plan.others)
                     for i, result in zip(layer_param_indices, results[n_others:]):
-                        param_grads[i] = _add(param_grads[i], result)
+                        param_grads[i] = _add_scaled(param_grads[i], result, factor)
                     for i, result in zip(trainable_args, results[n_others + len(layer_param_indices):]):
-                        arg_grads[i] = _add(arg_grads[i], result)
+                        arg_grads[i] = _add_scaled(arg_grads[i], result, factor)
                     if not plan.learnable_scale:
                         old, buffer = arithmetic.undo(j, update, tensors[t], buffers[t], value, where)
             grads[t] = None if g is None else update.scale_gradient(g)
@@ -502,6 +509,16 @@ def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
     if value is None:
         return total
     return value if total is None else total + value
+
+
+def _add_scaled(total: Tensor | None, value: Tensor | None, factor) -> Tensor | None:
+    """``total + factor·value`` for a constant ``factor`` (``None`` stands for zero), one kernel when both
+    exist and ``factor`` is a number; ``value`` itself is never modified (it may be a gradient autograd holds)."""
+    if value is None:
+        return total
+    if total is None or isinstance(factor, Tensor):
+        return _add(total, times_constant(factor, value))
+    return total + value if factor == 1 else torch.add(total, value, alpha=factor)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -134,11 +134,11 @@ class Update:
 
     def scale_gradient(self, gradient: Tensor) -> Tensor:
         """The gradient reaching the old component, ``scale * gradient`` (the scale treated as constant)."""
-        return _times_constant(self.scale, gradient)
+        return times_constant(self.scale, gradient)
 
     def gain_gradient(self, gradient: Tensor) -> Tensor:
         """The gradient reaching the increment, ``gain * gradient`` (the gain treated as constant)."""
-        return _times_constant(self.gain, gradient)
+        return times_constant(self.gain, gradient)
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,8 @@ def _is_one(scale: Scale) -> bool:
     return not isinstance(scale, Tensor) and scale == 1
 
 
-def _times_constant(factor: Scale, value: Tensor) -> Tensor:
+def times_constant(factor: Scale, value: Tensor) -> Tensor:
+    """``factor · value`` with ``factor`` treated as a constant (detached); ``value`` itself when ``factor`` is 1."""
     if _is_one(factor):
         return value
     return (factor.detach() if isinstance(factor, Tensor) else factor) * value
