@@ -138,12 +138,15 @@ def test_functional_call_parameters():
 # Every mode against the float64 reference, for the input and all parameters.
 
 
+@pytest.mark.parametrize(("batch", "hidden"), [(3, None), (16, 1)], ids=["wide-functions", "narrow-functions"])
 @pytest.mark.parametrize("depth", [1, 8, 64])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_gradients_match_reference_float64(arch, mode, depth):
-    net = make_net(arch, depth=depth, width=4, mode=mode, gamma=0.9, h=0.1)
-    x = make_input(3, 4, requires_grad=True)
+def test_gradients_match_reference_float64(arch, mode, depth, batch, hidden):
+    """Both ways the reversible backward applies an update's gain: to the state's gradient (functions with
+    more parameters than the state has elements) or to the VJP's results (fewer: hidden width 1, batch 16)."""
+    net = make_net(arch, depth=depth, width=4, mode=mode, gamma=0.9, h=0.1, function=lambda w: mlp(w, hidden))
+    x = make_input(batch, 4, requires_grad=True)
     ct = _cotangent(x.shape)
     expected = _grads_of(net, x, ct, reference=True)
     actual = _grads_of(net, x, ct)
