@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..memory import StorageTracker, mib as memory_mib
+from ..models.layers import BasicBlock
+from ..nn import MomentumNet
 from ..training.data import crop_flip
 from ..training.devices import resolve_device as resolve_device  # noqa: F401  (the trainer's device rule and errors)
-from ..nn import MomentumNet
 
 
 @contextlib.contextmanager
@@ -237,26 +238,11 @@ class ConvBranch(nn.Module):
         return self.body(x)
 
 
-class BasicBlock(nn.Module):
-    """``ReLU(x' + branch(x))`` with a strided 1×1 projection ``x'`` when the shape changes (He et al. 2016)."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1):
-        super().__init__()
-        self.branch = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-        )
-        self.shortcut = nn.Identity() if stride == 1 and in_channels == channels else nn.Sequential(
-            nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.shortcut(x) + self.branch(x))
-
-
 def cifar_resnet(blocks_per_stage: int, in_channels: int, num_classes: int,
                  channels: Sequence[int] = (16, 32, 64)) -> nn.Sequential:
     """He et al.'s (2016) CIFAR ResNet-(6n+2): 3×3 stem, three stages of ``n`` basic blocks
-    (16, 32, 64 channels, strides 1, 2, 2), global average pooling, linear head."""
+    (16, 32, 64 channels, strides 1, 2, 2; the zoo's :class:`~revnets.models.layers.BasicBlock`), global
+    average pooling, linear head."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False),
                                nn.BatchNorm2d(channels[0]), nn.ReLU()]
     previous = channels[0]
