@@ -10,6 +10,12 @@ with its input and output gradient), or says why it does not apply to that workl
     is ``loop + loop-nograd`` of the same trial (one extra forward).
 ``torch-checkpoint``
     The loop with ``torch.utils.checkpoint(use_reentrant=False)`` around every step.
+``torch-checkpoint-full``
+    The same with ``early_stop=False``: the backward recomputes each whole step. By default
+    (``early_stop=True``) the recomputation stops as soon as every tensor the step's backward needs is
+    back, which skips the step's last operations when no backward formula needs their output (the
+    second ``Linear`` of the MLP functions): checkpoint then runs less than one extra forward, which a
+    reversible backward cannot (the inversion needs the value of every function).
 ``compile@b``
     ``torch.compile`` of the loop with ``torch._functorch.config.activation_memory_budget = b``
     (the min-cut partitioner recomputes activations to keep that fraction of them).
@@ -39,17 +45,20 @@ BUDGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class SchemeLoop(nn.Module):
-    """The stack's scheme as a plain Python loop; ``use_checkpoint`` wraps every step."""
+    """The stack's scheme as a plain Python loop; ``use_checkpoint`` wraps every step (with checkpoint's
+    ``early_stop``)."""
 
-    def __init__(self, stack: Stack, use_checkpoint: bool = False):
+    def __init__(self, stack: Stack, use_checkpoint: bool = False, early_stop: bool = True):
         super().__init__()
         self.scheme = stack.scheme
         self.f = nn.ModuleList(stack.f_functions if stack.scheme == "hamiltonian" else stack.functions)
         self.g = nn.ModuleList(stack.g_functions if stack.scheme == "hamiltonian" else [])
-        self.use_checkpoint = use_checkpoint
+        self.use_checkpoint, self.early_stop = use_checkpoint, early_stop
 
     def _call(self, step, *args):
-        return checkpoint(step, *args, use_reentrant=False) if self.use_checkpoint else step(*args)
+        if self.use_checkpoint:
+            return checkpoint(step, *args, use_reentrant=False, early_stop=self.early_stop)
+        return step(*args)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scheme == "hamiltonian":
@@ -214,6 +223,8 @@ def registry() -> dict[str, Contender]:
                   forward_only=True),
         Contender("torch-checkpoint", "plain loop, torch checkpoint per step", "baseline",
                   lambda s, o: SchemeLoop(s, use_checkpoint=True)),
+        Contender("torch-checkpoint-full", "plain loop, torch checkpoint per step, early_stop=False", "baseline",
+                  lambda s, o: SchemeLoop(s, use_checkpoint=True, early_stop=False)),
         *(Contender(f"compile@{_budget_name(b)}", f"torch.compile, activation_memory_budget={b:g}", "baseline",
                     _compiled(b)) for b in BUDGETS),
         Contender("revnets-autograd", 'revnets mode="autograd"', "revnets", _revnets("autograd")),
