@@ -96,20 +96,25 @@ class Stack:
         params: list[Tensor] = []
 
         def indices(tensors: Sequence[Tensor]) -> tuple[int, ...]:
-            found = []
+            found: dict[int, None] = {}  # ordered, each index once
             for p in tensors:
-                if not p.requires_grad:
-                    continue
-                if id(p) not in index:
-                    index[id(p)] = len(params)
-                    params.append(p)
-                if index[id(p)] not in found:
-                    found.append(index[id(p)])
+                if p.requires_grad:
+                    i = index.setdefault(id(p), len(params))
+                    if i == len(params):
+                        params.append(p)
+                    found[i] = None
             return tuple(found)
 
         shared = indices(self.coefficients)
         per_layer = tuple(indices(_layer_parameters(fns)) + shared for fns in self.layers)
         return tuple(params), per_layer
+
+    def trainable_parameters(self) -> tuple[Tensor, ...]:
+        """The distinct trainable parameters in the order of :meth:`parameters`' per-layer indices: each
+        layer's own, then the coefficients, each at its first use."""
+        found = {id(p): p for fns in self.layers for p in (*_layer_parameters(fns), *self.coefficients)
+                 if p.requires_grad}
+        return tuple(found.values())
 
     def has_trainable_parameters(self) -> bool:
         """Whether a parameter of the functions or a coefficient requires grad (stops at the first)."""
@@ -586,9 +591,9 @@ class _Run:
     keep_input: bool = False
 
     def parameters_changed(self) -> bool:
-        """Whether the stack's trainable parameters are no longer the tensors recorded by the forward."""
-        params, _ = self.stack.parameters()
-        return len(params) != len(self.params) or {id(p) for p in params} != {id(p) for p in self.params}
+        """Whether the chunk's trainable parameters are no longer the tensors recorded by the forward."""
+        current = self.stack.trainable_parameters()
+        return len(current) != len(self.params) or any(a is not b for a, b in zip(current, self.params))
 
     def arguments(self, tensors: Sequence[Tensor]) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` with ``tensors`` in place of their tensor leaves."""
@@ -621,10 +626,14 @@ def _layer_parameters(functions: Functions) -> tuple[Tensor, ...]:
     substituted parameters (``functional_call``) are seen, without ``named_modules``' generators."""
     found: list[Tensor] = []
     pending = [f for f in reversed(functions) if isinstance(f, nn.Module)]
-    while pending:
+    while pending:  # plain loops: a stack call walks every layer twice, and generator expressions cost 3x
         module = pending.pop()
-        found.extend(p for p in module._parameters.values() if p is not None)
-        pending.extend(m for m in reversed(module._modules.values()) if m is not None)
+        for p in module._parameters.values():
+            if p is not None:
+                found.append(p)
+        for m in reversed(module._modules.values()):
+            if m is not None:
+                pending.append(m)
     return tuple(found)
 
 

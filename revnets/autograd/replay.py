@@ -95,13 +95,18 @@ class AutocastState:
 
 
 def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
-    """The normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm...) that keep running statistics."""
+    """The normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm...) that keep running statistics, in
+    ``Module.modules()`` order, each once. Walks the modules' own dictionaries (a stack call does this for
+    every layer: ``modules()``' generators cost several times more)."""
     found: dict[int, _NormBase] = {}
-    for function in functions:
-        if isinstance(function, nn.Module):
-            for module in function.modules():
-                if isinstance(module, _NormBase) and module.track_running_stats:
-                    found[id(module)] = module
+    pending = [f for f in reversed(tuple(functions)) if isinstance(f, nn.Module)]
+    while pending:
+        module = pending.pop()
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            found.setdefault(id(module), module)
+        for m in reversed(module._modules.values()):
+            if m is not None:
+                pending.append(m)
     return tuple(found.values())
 
 
