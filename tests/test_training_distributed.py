@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def _work(rank: int, port: int, out: str) -> None:
     """Process ``rank`` of a torchrun-like launch: the trainer's first step of every configuration
     under DDP and under FSDP (gradients and batch saved), then a short FSDP run into ``out/run``."""
+    faulthandler.enable()  # a crash in C++ prints the Python stacks of the process (see two_processes)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -101,9 +104,22 @@ def _work(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
-    """The folder where the 2 processes of :func:`_work` saved their results."""
+    """The folder where the 2 processes of :func:`_work` saved their results.
+
+    A launch whose process is killed by a signal is made again, once, with a warning: on the 2-core CPU
+    machines of this project gloo has aborted a process now and then (SIGABRT, "terminate called without
+    an active exception", in torch's C++; 3 of about 40 launches on 2026-12-02, never on demand). The
+    tests judge only a launch that completed; an exception raised in a process, or a second crash, fails.
+    """
     out = tmp_path_factory.mktemp("two_processes")
-    mp.spawn(_work, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_work, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as crash:
+        if crash.signal_name is None:
+            raise
+        warnings.warn(f"a process of the 2-process launch crashed ({crash}); launching again", stacklevel=1)
+        out = tmp_path_factory.mktemp("two_processes")
+        mp.spawn(_work, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 
