@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from suite import environment, workloads
+from suite import contenders, environment, workloads
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.checkpoint import checkpoint
 
 import revnets
 
@@ -34,23 +33,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     stack = workloads.build(workloads.Spec("mlp", args.depth, args.width, args.batch))
     x, grad = stack.x.detach().requires_grad_(), stack.grad_output
-    gamma = workloads.GAMMA
-
-    def step(f, h, v):
-        v = gamma * v + (1 - gamma) * f(h)
-        return h + v, v
-
-    def checkpointed(early_stop: bool):
-        def forward():
-            h, v = x, torch.zeros_like(x)
-            for f in stack.functions:
-                h, v = checkpoint(step, f, h, v, use_reentrant=False, early_stop=early_stop)
-            return h
-        return forward
-
-    net = revnets.MomentumNet(stack.functions, gamma=gamma)
-    methods = {"torch checkpoint (early_stop=True)": checkpointed(True),
-               "torch checkpoint (early_stop=False)": checkpointed(False),
+    loops = {early_stop: contenders.SchemeLoop(stack, use_checkpoint=True, early_stop=early_stop)
+             for early_stop in (True, False)}  # the suite's torch-checkpoint and torch-checkpoint-full
+    net = revnets.MomentumNet(stack.functions, gamma=workloads.GAMMA)
+    methods = {"torch checkpoint (early_stop=True)": lambda: loops[True](x),
+               "torch checkpoint (early_stop=False)": lambda: loops[False](x),
                "revnets reversible": lambda: net(x)}
     print(f"MLP W{args.width} B{args.batch} depth {args.depth}, {args.threads} thread(s); backward only, 3 passes")
     for name, forward in methods.items():

@@ -59,7 +59,14 @@ from .exact import (
     unscale_exact,
     unscale_sub_exact,
 )
-from .replay import AutocastState, LayerSeeds, accelerator_devices, preserved_running_stats, running_stat_modules
+from .replay import (
+    AutocastState,
+    LayerSeeds,
+    accelerator_devices,
+    preserved_running_stats,
+    running_stat_modules,
+    submodules,
+)
 
 MODES = ("reversible", "autograd", "checkpoint")
 
@@ -109,12 +116,10 @@ class Stack:
         per_layer = tuple(indices(_layer_parameters(fns)) + shared for fns in self.layers)
         return tuple(params), per_layer
 
-    def trainable_parameters(self) -> tuple[Tensor, ...]:
-        """The distinct trainable parameters in the order of :meth:`parameters`' per-layer indices: each
-        layer's own, then the coefficients, each at its first use."""
-        found = {id(p): p for fns in self.layers for p in (*_layer_parameters(fns), *self.coefficients)
-                 if p.requires_grad}
-        return tuple(found.values())
+    def trainable_parameter_ids(self) -> set[int]:
+        """The ids of the distinct trainable parameters (those :meth:`parameters` returns), without indexing them."""
+        return {id(p) for fns in self.layers for p in _layer_parameters(fns) if p.requires_grad} | {
+            id(p) for p in self.coefficients if p.requires_grad}
 
     def has_trainable_parameters(self) -> bool:
         """Whether a parameter of the functions or a coefficient requires grad (stops at the first)."""
@@ -510,19 +515,15 @@ def _is_learnable(scale) -> bool:
     return isinstance(scale, Tensor) and scale.requires_grad
 
 
-def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
-    if value is None:
-        return total
-    return value if total is None else total + value
-
-
 def _add_scaled(total: Tensor | None, value: Tensor | None, factor) -> Tensor | None:
     """``total + factor·value`` for a constant ``factor`` (``None`` stands for zero), one kernel when both
     exist and ``factor`` is a number; ``value`` itself is never modified (it may be a gradient autograd holds)."""
     if value is None:
         return total
-    if total is None or isinstance(factor, Tensor):
-        return _add(total, times_constant(factor, value))
+    if total is None:
+        return times_constant(factor, value)
+    if isinstance(factor, Tensor):
+        return total + times_constant(factor, value)
     return total + value if factor == 1 else torch.add(total, value, alpha=factor)
 
 
@@ -592,8 +593,7 @@ class _Run:
 
     def parameters_changed(self) -> bool:
         """Whether the chunk's trainable parameters are no longer the tensors recorded by the forward."""
-        current = self.stack.trainable_parameters()
-        return len(current) != len(self.params) or any(a is not b for a, b in zip(current, self.params))
+        return self.stack.trainable_parameter_ids() != {id(p) for p in self.params}
 
     def arguments(self, tensors: Sequence[Tensor]) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` with ``tensors`` in place of their tensor leaves."""
@@ -622,18 +622,12 @@ def _substituted_parameters(mode: str) -> RuntimeError:
 
 def _layer_parameters(functions: Functions) -> tuple[Tensor, ...]:
     """The parameters of the modules among ``functions`` (``Module.parameters()`` order; a parameter
-    reached twice is listed twice). Read from the modules' own dictionaries at every call, so that
-    substituted parameters (``functional_call``) are seen, without ``named_modules``' generators."""
+    reached twice is listed twice), as the modules hold them now (see :func:`submodules`)."""
     found: list[Tensor] = []
-    pending = [f for f in reversed(functions) if isinstance(f, nn.Module)]
-    while pending:  # plain loops: a stack call walks every layer twice, and generator expressions cost 3x
-        module = pending.pop()
+    for module in submodules(functions):
         for p in module._parameters.values():
             if p is not None:
                 found.append(p)
-        for m in reversed(module._modules.values()):
-            if m is not None:
-                pending.append(m)
     return tuple(found)
 
 

@@ -94,19 +94,26 @@ class AutocastState:
             yield
 
 
-def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
-    """The normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm...) that keep running statistics, in
-    ``Module.modules()`` order, each once. Walks the modules' own dictionaries (a stack call does this for
-    every layer: ``modules()``' generators cost several times more)."""
-    found: dict[int, _NormBase] = {}
+def submodules(functions: Iterable[object]) -> list[nn.Module]:
+    """The modules among ``functions`` and all their submodules, in ``Module.modules()`` order (a module
+    reached twice is listed twice). Read from the modules' own dictionaries at every call, so that
+    substituted parameters (``functional_call``) are seen; plain loops, since every stack call walks every
+    layer (``modules()``' generators cost several times more)."""
+    found: list[nn.Module] = []
     pending = [f for f in reversed(tuple(functions)) if isinstance(f, nn.Module)]
     while pending:
         module = pending.pop()
-        if isinstance(module, _NormBase) and module.track_running_stats:
-            found.setdefault(id(module), module)
-        for m in reversed(module._modules.values()):
-            if m is not None:
-                pending.append(m)
+        found.append(module)
+        for child in reversed(module._modules.values()):
+            if child is not None:
+                pending.append(child)
+    return found
+
+
+def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
+    """The normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm...) that keep running statistics, in
+    ``Module.modules()`` order, each once."""
+    found = {id(m): m for m in submodules(functions) if isinstance(m, _NormBase) and m.track_running_stats}
     return tuple(found.values())
 
 
