@@ -3,7 +3,7 @@
 Each commit is checked out into a temporary git worktree and measured in its own process
 (``PYTHONPATH`` pointing at it), commits alternating round by round so that load drifting over the run
 spreads over all of them. A process times ``trials`` interleaved pairs of the plain autograd loop and
-revnets' ``MomentumNet`` (reversible, or ``--exact``) on the suite's MLP stack and prints the median of
+revnets' ``MomentumNet`` (``--mode``: reversible, exact or checkpoint) on the suite's MLP stack and prints the median of
 the paired ratios; the table gives, per commit, the median and range of those medians over the rounds.
 
     python benchmarks/compare_commits.py efea7b0 HEAD --width 64 --batch 64 --rounds 2
@@ -30,7 +30,9 @@ assert revnets.__file__.startswith(sys.argv[1].rsplit("/", 1)[0]), revnets.__fil
 environment.keep_freed_memory()
 torch.set_num_threads(int(sys.argv[6]))
 stack = workloads.build(workloads.Spec("mlp", int(sys.argv[4]), int(sys.argv[2]), int(sys.argv[3])))
-net = revnets.MomentumNet(stack.functions, gamma=workloads.GAMMA, exact=sys.argv[7] == "exact")
+mode = sys.argv[7]
+net = revnets.MomentumNet(stack.functions, gamma=workloads.GAMMA, exact=mode == "exact",
+                          mode="reversible" if mode == "exact" else mode)
 x, g = stack.x.detach().requires_grad_(), stack.grad_output
 def plain():
     h, v = x, torch.zeros_like(x)
@@ -56,7 +58,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="paired trials per process (2 dropped)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--exact", action="store_true", help="exact=True instead of the float reversible mode")
+    parser.add_argument("--mode", choices=("reversible", "exact", "checkpoint"), default="reversible",
+                        help="revnets' memory mode (exact: reversible with exact=True)")
     args = parser.parse_args()
     results: dict[str, list[float]] = {c: [] for c in args.commits}
     with tempfile.TemporaryDirectory() as scratch:
@@ -71,14 +74,13 @@ def main() -> None:
                     env = {**os.environ, "PYTHONPATH": str(tree)}
                     out = subprocess.run(
                         [sys.executable, "-c", MEASURE, str(tree / "benchmarks"), str(args.width), str(args.batch),
-                         str(args.depth), str(args.trials), str(args.threads), "exact" if args.exact else "float"],
+                         str(args.depth), str(args.trials), str(args.threads), args.mode],
                         env=env, cwd=tree, check=True, capture_output=True, text=True)  # cwd: ``-c`` puts it first on sys.path
                     results[commit].append(float(out.stdout.split()[-1]))
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    mode = "exact" if args.exact else "reversible"
-    print(f"MLP W{args.width} B{args.batch} depth {args.depth}, {args.threads} thread(s): {mode} / plain loop")
+    print(f"MLP W{args.width} B{args.batch} depth {args.depth}, {args.threads} thread(s): {args.mode} / plain loop")
     for commit, values in results.items():
         print(f"  {commit:12s} {statistics.median(values):.3f}x  (rounds: {', '.join(f'{v:.3f}' for v in values)})")
 

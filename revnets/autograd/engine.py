@@ -860,14 +860,16 @@ def _checkpoint_layers(stack: Stack, state: State, args: tuple, kwargs: dict, *,
     step = stack.step()
     if not protect_running_stats:
         for k, functions in enumerate(stack.layers):
-            state = checkpoint(_checkpointed_layer, step, functions, k, None, _layer_parameters(functions), args,
-                               kwargs, *state, use_reentrant=False)
+            layer = functools.partial(_checkpointed_layer, step, functions, k, None, _layer_parameters(functions),
+                                      args, kwargs)
+            state = checkpoint(layer, *state, use_reentrant=False)
         return state
     seeds = LayerSeeds.draw(accelerator_devices(state))
     contexts = functools.partial(_recomputation_contexts, stack.norm_modules())
     for k, functions in enumerate(stack.layers):
-        state = checkpoint(_checkpointed_layer, step, functions, k, seeds, _layer_parameters(functions), args,
-                           kwargs, *state, use_reentrant=False, preserve_rng_state=False, context_fn=contexts)
+        layer = functools.partial(_checkpointed_layer, step, functions, k, seeds, _layer_parameters(functions), args,
+                                  kwargs)
+        state = checkpoint(layer, *state, use_reentrant=False, preserve_rng_state=False, context_fn=contexts)
     return state
 
 
