@@ -22,7 +22,8 @@ def step_peak(name: str, mode: str, batch: int, side: int) -> int:
     return sgd_step_peak(model, torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,)))
 
 
-@pytest.mark.parametrize("name", ["momentum_resnet18", "revnet18", "hamiltonian38", "midpoint38", "leapfrog38"])
+@pytest.mark.parametrize("name", ["momentum_resnet18", "momentum_resnet50", "revnet18", "revnet50", "hamiltonian38",
+                                  "midpoint38", "leapfrog38"])
 def test_reversible_step_peak_is_below_autograd(name):
     assert step_peak(name, "reversible", 4, 32) < step_peak(name, "autograd", 4, 32)
 

@@ -1,0 +1,45 @@
+"""Every zoo model with invertible stacks: training-step peak in reversible mode against autograd mode.
+
+The check behind BENCHMARKS.md's "no zoo model's reversible peak above its autograd peak": for each
+model and each (batch, image side), the peak bytes one SGD step creates
+(:func:`revnets.memory.sgd_step_peak`, seeded weights and images), both modes, flagged where reversible
+is higher. The 1202-layer Chang nets run only on the smallest input (they take minutes on a CPU).
+
+    python benchmarks/zoo_peaks.py                 # batches 2 of 8x8, 1 and 4 of 32x32
+    python benchmarks/zoo_peaks.py --sizes 4x32
+"""
+
+import argparse
+
+import torch
+
+from revnets.memory import mib, sgd_step_peak
+from revnets.models import create_model, list_models
+
+
+def step_peak(name: str, mode: str, batch: int, side: int) -> int:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).train().set_mode(mode)
+    return sgd_step_peak(model, torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["2x8", "1x32", "4x32"], help="BATCHxSIDE (default: %(default)s)")
+    args = parser.parse_args()
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
+    smallest = min(sizes, key=lambda s: s[0] * s[1] ** 2)
+    names = [n for n in list_models() if not n.startswith("resnet")]  # plain ResNets have no invertible stack
+    higher = 0
+    for name in names:
+        for batch, side in sizes if "1202" not in name else [smallest]:
+            autograd, reversible = (step_peak(name, mode, batch, side) for mode in ("autograd", "reversible"))
+            flag = "  <- reversible higher" if reversible > autograd else ""
+            higher += reversible > autograd
+            print(f"{name:20s} batch {batch} of {side}x{side}: autograd {mib(autograd):8.2f} MiB, "
+                  f"reversible {mib(reversible):8.2f} MiB{flag}", flush=True)
+    print(f"{higher} case(s) with the reversible peak above autograd's")
+
+
+if __name__ == "__main__":
+    main()
