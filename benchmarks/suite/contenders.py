@@ -16,6 +16,12 @@ with its input and output gradient), or says why it does not apply to that workl
     back, which skips the step's last operations when no backward formula needs their output (the
     second ``Linear`` of the MLP functions): checkpoint then runs less than one extra forward, which a
     reversible backward cannot (the inversion needs the value of every function).
+``handwritten-reversible``
+    The momentum scheme's reversible backward written out for this one scheme (invert, re-evaluate
+    ``f_n``, one VJP per layer), with none of the engine's generality: no checks, no random-number
+    replay, no running-statistic protection, no extra arguments, one autograd node. Not a library
+    (wrong on dropout or BatchNorm): the least a Python reversible backward costs, so that the gap
+    to ``revnets-reversible`` measures the engine's overhead.
 ``compile@b``
     ``torch.compile`` of the loop with ``torch._functorch.config.activation_memory_budget = b``
     (the min-cut partitioner recomputes activations to keep that fraction of them).
@@ -80,6 +86,47 @@ def _momentum_step(f, x, v):
 def _hamiltonian_step(f, g, y, z):
     y = y + STEP * f(z)
     return y, z - STEP * g(y)
+
+
+class HandwrittenReversible(nn.Module):
+    """``handwritten-reversible`` (see the module docstring): momentum scheme, γ = :data:`GAMMA`."""
+
+    def __init__(self, stack: Stack):
+        super().__init__()
+        self.f = nn.ModuleList(stack.functions)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _HandwrittenMomentum.apply(self.f, x, *self.f.parameters())
+
+
+class _HandwrittenMomentum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, functions: nn.ModuleList, x: Tensor, *params: Tensor) -> Tensor:
+        v = torch.zeros_like(x)
+        for f in functions:
+            v = torch.lerp(f(x), v, GAMMA)  # γ·v + (1 − γ)·f(x)
+            x = x + v
+        ctx.functions = functions
+        ctx.save_for_backward(x, v)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, v = ctx.saved_tensors
+        grad_x, grad_v, param_grads = grad, None, []
+        for f in reversed(ctx.functions):
+            x = x - v
+            grad_v = grad_x if grad_v is None else grad_v + grad_x
+            leaf = x.detach().requires_grad_()
+            with torch.enable_grad():
+                fx = f(leaf)
+            params = tuple(f.parameters())
+            grad_leaf, *grads = torch.autograd.grad(fx, (leaf, *params), (1 - GAMMA) * grad_v)
+            v = torch.lerp(fx.detach(), v, 1 / GAMMA)  # (v − (1 − γ)·f(x)) / γ
+            grad_x = grad_x + grad_leaf
+            grad_v = GAMMA * grad_v
+            param_grads[:0] = grads
+        return None, grad_x, *param_grads
 
 
 class Compiled(nn.Module):
@@ -225,6 +272,8 @@ def registry() -> dict[str, Contender]:
                   lambda s, o: SchemeLoop(s, use_checkpoint=True)),
         Contender("torch-checkpoint-full", "plain loop, torch checkpoint per step, early_stop=False", "baseline",
                   lambda s, o: SchemeLoop(s, use_checkpoint=True, early_stop=False)),
+        Contender("handwritten-reversible", "hand-written reversible loop (momentum only, no checks)", "baseline",
+                  lambda s, o: HandwrittenReversible(s), schemes=("momentum",)),
         *(Contender(f"compile@{_budget_name(b)}", f"torch.compile, activation_memory_budget={b:g}", "baseline",
                     _compiled(b)) for b in BUDGETS),
         Contender("revnets-autograd", 'revnets mode="autograd"', "revnets", _revnets("autograd")),

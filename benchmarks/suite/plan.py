@@ -29,8 +29,8 @@ from . import measure
 from .contenders import PEERS, Instance, registry
 from .workloads import GAMMA, ZOO_PAIRS, Spec, build, encoder_pair, zoo_model
 
-TARGET_CONTENDERS = ["loop", "loop-nograd", "torch-checkpoint", "torch-checkpoint-full", "revnets-autograd",
-                     "revnets-reversible", "revnets-checkpoint", "revnets-exact", *PEERS]
+TARGET_CONTENDERS = ["loop", "loop-nograd", "torch-checkpoint", "torch-checkpoint-full", "handwritten-reversible",
+                     "revnets-autograd", "revnets-reversible", "revnets-checkpoint", "revnets-exact", *PEERS]
 SWEEP_CONTENDERS = ["loop", "torch-checkpoint", "revnets-autograd", "revnets-reversible", "revnets-exact", *PEERS]
 WORKLOAD_CONTENDERS = ["loop", "torch-checkpoint", "revnets-autograd", "revnets-reversible", "revnets-checkpoint",
                        "revnets-exact", *PEERS]
