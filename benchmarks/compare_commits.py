@@ -3,8 +3,8 @@
 Each commit is checked out into a temporary git worktree and measured in its own process
 (``PYTHONPATH`` pointing at it), commits alternating round by round so that load drifting over the run
 spreads over all of them. A process times ``trials`` interleaved pairs of the plain autograd loop and
-revnets' ``MomentumNet`` (``--mode``: reversible, exact or checkpoint) on the suite's MLP stack and prints the median of
-the paired ratios; the table gives, per commit, the median and range of those medians over the rounds.
+revnets' ``MomentumNet`` (``--mode``: reversible, exact or checkpoint) on the suite's MLP stack and
+prints the median of the paired ratios; the table gives, per commit, the median and range of those medians over the rounds.
 
     python benchmarks/compare_commits.py efea7b0 HEAD --width 64 --batch 64 --rounds 2
 """

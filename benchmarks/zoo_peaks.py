@@ -2,7 +2,7 @@
 
 The check behind BENCHMARKS.md's "no zoo model's reversible peak above its autograd peak": for each
 model and each (batch, image side), the peak bytes one SGD step creates
-(:func:`revnets.memory.sgd_step_peak`, seeded weights and images), both modes, flagged where reversible
+(``training_memory.step_peak``: seeded weights and images), both modes, flagged where reversible
 is higher. The 1202-layer Chang nets run only on the smallest input (they take minutes on a CPU).
 
     python benchmarks/zoo_peaks.py                 # batches 2 of 8x8, 1 and 4 of 32x32
@@ -11,16 +11,10 @@ is higher. The 1202-layer Chang nets run only on the smallest input (they take m
 
 import argparse
 
-import torch
+from training_memory import step_peak
 
-from revnets.memory import mib, sgd_step_peak
-from revnets.models import create_model, list_models
-
-
-def step_peak(name: str, mode: str, batch: int, side: int) -> int:
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10).train().set_mode(mode)
-    return sgd_step_peak(model, torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,)))
+from revnets.memory import mib
+from revnets.models import list_models
 
 
 def main() -> None:
@@ -33,7 +27,7 @@ def main() -> None:
     higher = 0
     for name in names:
         for batch, side in sizes if "1202" not in name else [smallest]:
-            autograd, reversible = (step_peak(name, mode, batch, side) for mode in ("autograd", "reversible"))
+            autograd, reversible = (step_peak(name, mode, batch, side)[1] for mode in ("autograd", "reversible"))
             flag = "  <- reversible higher" if reversible > autograd else ""
             higher += reversible > autograd
             print(f"{name:20s} batch {batch} of {side}x{side}: autograd {mib(autograd):8.2f} MiB, "

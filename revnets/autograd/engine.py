@@ -858,18 +858,15 @@ def _checkpoint_layers(stack: Stack, state: State, args: tuple, kwargs: dict, *,
     needed (the compiled graph replays its own random numbers).
     """
     step = stack.step()
-    if not protect_running_stats:
-        for k, functions in enumerate(stack.layers):
-            layer = functools.partial(_checkpointed_layer, step, functions, k, None, _layer_parameters(functions),
-                                      args, kwargs)
-            state = checkpoint(layer, *state, use_reentrant=False)
-        return state
-    seeds = LayerSeeds.draw(accelerator_devices(state))
-    contexts = functools.partial(_recomputation_contexts, stack.norm_modules())
+    seeds, options = None, {}
+    if protect_running_stats:
+        seeds = LayerSeeds.draw(accelerator_devices(state))
+        options = {"preserve_rng_state": False,
+                   "context_fn": functools.partial(_recomputation_contexts, stack.norm_modules())}
     for k, functions in enumerate(stack.layers):
         layer = functools.partial(_checkpointed_layer, step, functions, k, seeds, _layer_parameters(functions), args,
                                   kwargs)
-        state = checkpoint(layer, *state, use_reentrant=False, preserve_rng_state=False, context_fn=contexts)
+        state = checkpoint(layer, *state, use_reentrant=False, **options)
     return state
 
 
