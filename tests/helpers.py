@@ -4,8 +4,9 @@ Import from test files as ``from helpers import make_net, ARCHITECTURES`` (``con
 this directory on ``sys.path``). Everything here is plain PyTorch and independent of the engine,
 except :func:`make_net`, which calls the public constructors.
 
-:func:`reference_forward` re-implements each scheme straight from the papers' formulas
-(``/work/shared/PAPERS.md``) with a Python loop over the network's own functions, so that
+:func:`reference_forward` re-implements each scheme straight from the papers' formulas (Sander et
+al. 2021 for the momentum scheme; Chang et al. 2018 for Hamiltonian, Midpoint and Leapfrog; Gomez et
+al. 2017 for RevNet) with a Python loop over the network's own functions, so that
 gradients obtained by plain autograd through it are a reference that does not share code with
 ``revnets`` (``mode="autograd"`` goes through the same step declarations as the reversible engine
 and could share their bugs).

@@ -460,3 +460,16 @@ def test_no_layers_is_the_documented_identity(arch, mode):
     torch.testing.assert_close(y, x, rtol=0, atol=0)
     (y * torch.arange(8.0).view(2, 4)).sum().backward()
     torch.testing.assert_close(x.grad, torch.arange(8.0).view(2, 4), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("functions", [
+    nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)),  # one function, not three layers
+    nn.Linear(4, 4),
+])
+def test_one_module_where_a_list_of_layers_is_expected_is_refused(functions):
+    with pytest.raises(TypeError, match=r"functions must be a list with one function per layer; got a single"):
+        revnets.MomentumNet(functions)
+    with pytest.raises(TypeError, match=r"f_functions must be a list"):
+        revnets.RevNet(functions, [nn.Linear(2, 2)])
+    assert revnets.MomentumNet([functions]).depth == 1
+    assert revnets.MomentumNet(nn.ModuleList([nn.Linear(4, 4)] * 2)).depth == 2

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from revnets.cli.app import app
 from revnets.experiments import get_experiment, list_experiments, load_results, reproduce
+from revnets.experiments.base import format_table, summary_entry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,3 +103,44 @@ def test_cli_demo_runs(tmp_path):
     assert result.exit_code == 0, result.output
     assert "momentum" in result.output and "test_accuracy" in result.output
     assert (tmp_path / "rings.png").exists() and (tmp_path / "results.json").exists()
+
+
+def test_cli_out_is_never_a_file_or_a_foreign_folder(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("precious")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "a.txt").write_text("keep")
+    for out, message in ((file, "is a file, not a folder"), (foreign, "holds no earlier results")):
+        for overwrite in ([], ["--overwrite"]):
+            result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out), *overwrite], env={"COLUMNS": "300"})
+            assert result.exit_code != 0 and message in " ".join(result.output.replace("│", " ").split())
+    assert file.read_text() == "precious" and sorted(p.name for p in foreign.iterdir()) == ["a.txt"]
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out)]).exit_code == 0
+    result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code != 0 and "pass --overwrite" in " ".join(result.output.replace("│", " ").split())
+    (out / "my_notes.md").write_text("mine")
+    assert CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out), "--overwrite"]).exit_code == 0
+    assert (out / "my_notes.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("args", "command"), [
+    (["demo", "--smoke"], "revnets demo --smoke"),
+    (["demo", "--smoke", "--seeds", "1"], "revnets demo --seeds 1 --smoke"),
+    (["reproduce", "rings", "--smoke"], "revnets reproduce rings --smoke"),
+])
+def test_results_record_the_command_as_typed(tmp_path, args, command):
+    assert CliRunner().invoke(app, [*args, "--out", str(tmp_path)]).exit_code == 0
+    assert json.loads((tmp_path / "results.json").read_text())["command"] == command
+
+
+@pytest.mark.parametrize(("per_seed", "metric", "shown"), [
+    ([0.9582], "test_accuracy", "95.82 %"),  # one seed: no "± 0"
+    ([0.9, 0.95, 0.97], "test_accuracy", "94.0 ± 3.6 %"),  # mean to the std's decimal place
+    ([1.23456, 1.23466], "loss", "1.234610 ± 0.000071"),
+    ([0.5, 0.5], "loss", "0.5"),
+])
+def test_the_table_gives_mean_and_std_to_the_same_precision(per_seed, metric, shown):
+    table = format_table({"net": summary_entry(metric, per_seed)})
+    assert f"  {shown}  " in table, table

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from revnets.cli.app import app
-from revnets.models import create_model
+from revnets.models import create_model, list_models
 from revnets.training import TrainConfig, forward_backward, train
 from revnets.training.data import load_datasets, training_loader
 from revnets.training.loop import build_model
@@ -125,3 +127,47 @@ def test_cli_fine_tunes_on_an_image_folder(tmp_path):
 def test_cli_reports_bad_input():
     result = CliRunner().invoke(app, ["train", "--model", "resnet18", "--dataset", "cubic"])
     assert result.exit_code != 0 and "regression task" in result.output
+
+
+def _help(*command: str) -> str:
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_help_shows_every_default_and_announces_only_real_commands():
+    text = _help("train")
+    assert " . " not in text and " .[" not in text  # a default in brackets swallowed as markup left " ."
+    for option, default in (("--mode", "reversible"), ("--device", "auto"), ("--optimizer", "sgd"),
+                            ("--schedule", "cosine"), ("--epochs", "10"), ("--grad-clip", "none: no clipping")):
+        assert re.search(rf"{option} .*?\[default: \(?{re.escape(default)}\)?\]", text), option
+    assert "<reversible|autograd|checkpoint>" in text and "`revnets models` lists them" in text
+    top = _help()
+    listed = set(re.findall(r"^│ (\w+) ", CliRunner().invoke(app, ["--help"], env={"COLUMNS": "300"}).output, re.MULTILINE))
+    assert "compare" not in top and {"train", "reproduce", "demo", "models", "datasets"} <= listed
+
+
+def test_every_option_of_train_is_a_field_of_train_config():
+    """The options are generated from TrainConfig: each field (but the option dicts) is an option."""
+    text = _help("train")
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.metadata["cli"]:
+            assert "--" + spec.name.replace("_", "-") in text, spec.name
+            assert " ".join(spec.metadata["help"].split()[:4]) in text, spec.name
+
+
+def test_models_and_datasets_are_listed():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert names == list_models()
+    assert all(len(line.split()) > 2 for line in result.output.splitlines())  # each with what it is
+    result = CliRunner().invoke(app, ["datasets"])
+    assert result.exit_code == 0 and "cifar10" in result.output and "--root DIR (or --download)" in result.output
+
+
+def test_a_missing_dataset_directory_gives_advice_the_cli_can_follow(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--model", "resnet18", "--dataset", "cifar10", "--root",
+                                      str(tmp_path / "missing"), "--mode", "autograd"], env={"COLUMNS": "300"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code != 0 and "revnets train: --download" in text, text

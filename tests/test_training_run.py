@@ -129,11 +129,13 @@ def test_an_existing_out_is_refused_unless_overwrite(tmp_path):
     runner = CliRunner()
     base = ["train", "--model", "hamiltonian38", "--dataset", "digits", "--epochs", "1", "--batch-size", "32",
             "--limit", "32"]
-    file = tmp_path / "a_file"
+    file = tmp_path / "notes.txt"
     file.write_text("precious")
-    result = runner.invoke(app, [*base, "--out", str(file)])
-    assert result.exit_code != 0 and "already exists (a file)" in _output(result) and "--overwrite" in _output(result)
-    assert file.read_text() == "precious"
+    for overwrite in ([], ["--overwrite"]):  # a file is never deleted, and --resume is no advice for it
+        result = runner.invoke(app, [*base, "--out", str(file), *overwrite])
+        assert result.exit_code != 0 and "is a file, not a run directory" in _output(result)
+        assert "--resume" not in _output(result)
+        assert file.read_text() == "precious"
     run = tmp_path / "run"
     assert runner.invoke(app, [*base, "--out", str(run)]).exit_code == 0
     result = runner.invoke(app, [*base, "--out", str(run)])
@@ -141,15 +143,39 @@ def test_an_existing_out_is_refused_unless_overwrite(tmp_path):
     result = runner.invoke(app, [*base, "--out", str(run), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    (run / "my_notes.md").write_text("mine")  # a run directory holding a file revnets did not write
+    result = runner.invoke(app, [*base, "--out", str(run), "--overwrite"])
+    assert result.exit_code != 0 and "also holds my_notes.md" in _output(result)
+    assert (run / "my_notes.md").read_text() == "mine" and (run / "model.safetensors").is_file()
     other = tmp_path / "not_a_run"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
-    result = runner.invoke(app, [*base, "--out", str(other), "--overwrite"])
-    assert result.exit_code != 0 and "not a run directory" in _output(result)
-    assert (other / "notes.txt").read_text() == "keep"
-    result = runner.invoke(app, [*base, "--out", str(file), "--overwrite"])
+    (other / "config.json").write_text('{"lr": 1}')  # a config.json that no revnets run wrote
+    for overwrite in ([], ["--overwrite"]):
+        result = runner.invoke(app, [*base, "--out", str(other), *overwrite])
+        assert result.exit_code != 0 and "holds no revnets run" in _output(result)
+        assert (other / "notes.txt").read_text() == "keep" and (other / "config.json").read_text() == '{"lr": 1}'
+    link = tmp_path / "link"
+    link.symlink_to(run, target_is_directory=True)
+    result = runner.invoke(app, [*base, "--out", str(link), "--overwrite"])
+    assert result.exit_code != 0 and "is a symbolic link" in _output(result)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # made by the user beforehand: used as it is, no --overwrite needed
+    result = runner.invoke(app, [*base, "--out", str(empty)])
     assert result.exit_code == 0, result.output
-    assert (file / "model.safetensors").is_file()
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_resume_names_what_is_wrong_with_its_directory(tmp_path):
+    runner = CliRunner()
+    file = tmp_path / "notes.txt"
+    file.write_text("precious")
+    cases = [(file, "is a file, not a run directory"), (tmp_path / "missing", "does not exist"),
+             (tmp_path, "no revnets run there")]
+    for path, message in cases:
+        result = runner.invoke(app, ["train", "--resume", str(path)])
+        assert result.exit_code != 0 and message in _output(result), result.output
+    assert file.read_text() == "precious"
 
 
 def test_the_default_run_directory_is_new_each_time(tmp_path, monkeypatch):
@@ -188,9 +214,10 @@ def test_resume_keeps_the_saved_configuration(tmp_path):
             "--limit", "32", "--out", str(out)]
     assert CliRunner().invoke(app, base).exit_code == 0
     result = CliRunner().invoke(app, ["train", "--resume", str(out), "--lr", "0.5"])
-    assert result.exit_code != 0 and "only checkpoint_every, device, num_workers, tensorboard" in _output(result)
+    allowed = "only checkpoint_every, device, download, num_workers, tensorboard"
+    assert result.exit_code != 0 and allowed in _output(result)
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path)])
-    assert result.exit_code != 0 and "no run there" in _output(result)
+    assert result.exit_code != 0 and "no revnets run there" in _output(result)
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
@@ -229,6 +256,41 @@ def test_bad_configuration_files_and_recipes_are_named(tmp_path):
         resolve({}, config_file=ini)
     with pytest.raises(ValueError, match="no model given"):
         resolve({"dataset": "digits"})
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("options.yaml", 'model: hamiltonian38\ndataset: digits\nlr: "fast"\n', r"lr must be a number; got 'fast'"),
+    ("options.toml", 'model = "hamiltonian38"\ndataset = "digits"\nepochs = "two"\n',
+     r"epochs must be an integer; got 'two'"),
+    ("options.yaml", "model: hamiltonian38\ndataset: digits\nmode: fast\n",
+     "mode must be one of reversible, autograd, checkpoint; got 'fast'"),
+    ("options.yaml", "model: hamiltonian38\ndataset: [digits\nlr: 0.1\n", "is not valid YAML: .*line 3"),
+    ("options.toml", 'model = "hamiltonian38\n', "is not valid TOML: .*line 1"),
+    ("options.json", '{"model": "hamiltonian38",}', "is not valid JSON"),
+    ("options.yaml", "- model\n- dataset\n", "must hold a table of options"),
+])
+def test_configuration_file_errors_name_the_file_and_the_key(tmp_path, name, text, message):
+    pytest.importorskip("yaml")
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"configuration file {path}.*{message}"):
+        resolve({}, config_file=path)
+    result = CliRunner().invoke(app, ["train", "--config", str(path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"configuration file {path}" in _output(result) and "Traceback" not in result.output
+
+
+def test_numbers_written_as_strings_are_read_as_numbers(tmp_path):
+    """YAML 1.1 reads 5e-4 as a string: such values are numbers for the fields that hold numbers."""
+    path = tmp_path / "options.yaml"
+    path.write_text("model: hamiltonian38\ndataset: digits\nweight_decay: 5e-4\nmilestones: 80,120\n"
+                    "precision: 32\nschedule: multistep\n")
+    config = resolve({}, config_file=path)
+    assert config.weight_decay == 5e-4 and config.milestones == (80, 120) and config.precision == "32"
+    with pytest.raises(ValueError, match=r"grad_clip must be a number or none; got \[1\]"):
+        TrainConfig("hamiltonian38", "digits", grad_clip=[1])
+    with pytest.raises(ValueError, match="sync_bn must be true or false; got 1"):
+        TrainConfig("hamiltonian38", "digits", sync_bn=1)
 
 
 def test_warmup_then_schedules():

@@ -20,10 +20,17 @@ def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _run(name: str, out: Path, smoke: bool, command: str, **options) -> None:
+def _command(words: list[str], options: dict[str, object]) -> str:
+    """The command line as typed: ``words``, then the options given (``None``/``False`` ones left out)."""
+    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
+             for key, value in options.items() if value is not None and value is not False]
+    return " ".join([*words, *flags])
+
+
+def _run(name: str, out: Path, smoke: bool, command: str, overwrite: bool, **options) -> None:
     """Run ``name``, print its table and where the files went; bad settings become CLI errors."""
     try:
-        record = run_experiment(name, out, smoke=smoke, command=command, **options)
+        record = run_experiment(name, out, smoke=smoke, command=command, overwrite=overwrite, **options)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     typer.echo(f"\n{record['claim']}\n")
@@ -34,7 +41,10 @@ def _run(name: str, out: Path, smoke: bool, command: str, **options) -> None:
 def reproduce(
     name: str = typer.Argument(..., help="The experiment: " + ", ".join(list_experiments()) + "."),
     seeds: int = typer.Option(None, help="Number of seeds (0 … N−1); default: the experiment's own."),
-    out: Path = typer.Option(None, help="Output folder for the figure and results.json (default: runs/NAME-TIME)."),
+    out: Path = typer.Option(None, help="Output folder for the figure and results.json: new, empty, or an earlier "
+                             "run's with --overwrite.", show_default="a new runs/NAME-TIME"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write over the results.json and figure of an earlier "
+                                   "run in --out (nothing else there is touched)."),
     smoke: bool = typer.Option(False, help="Tiny settings that run in seconds (for tests), not the paper's."),
     rings: int = typer.Option(None, help="rings only: number of rings, 2 or 4 (the figure uses 4)."),
     data_dir: Path = typer.Option(None, help="Dataset folder (cifar, finetune; small-data: CIFAR-10/STL-10)."),
@@ -44,11 +54,9 @@ def reproduce(
         get_experiment(name)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="NAME") from None
-    out = out or _default_out(name)
-    flags = [f"--seeds {seeds}" if seeds is not None else "", "--smoke" if smoke else "",
-             f"--rings {rings}" if rings is not None else "", f"--data-dir {data_dir}" if data_dir else ""]
-    command = " ".join(["revnets reproduce", name, *filter(None, flags)])
-    _run(name, out, smoke, command, seeds=seeds, rings=rings, data_dir=None if data_dir is None else str(data_dir))
+    options = {"seeds": seeds, "rings": rings, "data_dir": None if data_dir is None else str(data_dir)}
+    command = _command(["revnets", "reproduce", name], {**options, "smoke": smoke})
+    _run(name, out or _default_out(name), smoke, command, overwrite, **options)
 
 
 reproduce.__doc__ = (
@@ -58,13 +66,16 @@ reproduce.__doc__ = (
 
 
 def demo(
-    out: Path = typer.Option(None, help="Output folder (default: runs/demo-TIME)."),
-    seeds: int = typer.Option(1, help="Number of seeds."),
-    steps: int = typer.Option(None, help="Adam steps of both networks (default: the rings protocol's own)."),
+    out: Path = typer.Option(None, help="Output folder: new, empty, or an earlier run's with --overwrite.",
+                             show_default="a new runs/demo-TIME"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write over the results.json and figure of an earlier "
+                                   "run in --out."),
+    seeds: int = typer.Option(None, help="Number of seeds.", show_default="1"),
+    steps: int = typer.Option(None, help="Adam steps of both networks.", show_default="the rings protocol's own"),
     smoke: bool = typer.Option(False, help="Tiny settings (seconds), for tests."),
 ) -> None:
     """Nested rings (Sander et al. 2021, Fig. 1), i.e. `revnets reproduce rings` with one seed: a ResNet
     against a Momentum ResNet, 15 tied steps, on generated data; writes the figure, prints both accuracies."""
-    out = out or _default_out("demo")
-    command = f"revnets demo --seeds {seeds}" + (f" --steps {steps}" if steps else "") + (" --smoke" if smoke else "")
-    _run("rings", out, smoke, command, seeds=seeds, momentum_steps=steps, resnet_steps=steps)
+    command = _command(["revnets", "demo"], {"seeds": seeds, "steps": steps, "smoke": smoke})
+    _run("rings", out or _default_out("demo"), smoke, command, overwrite, seeds=1 if seeds is None else seeds, momentum_steps=steps,
+         resnet_steps=steps)

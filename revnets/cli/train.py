@@ -1,84 +1,82 @@
 """``revnets train``: a zoo model on a dataset (a thin layer over :mod:`revnets.training`).
 
-Every option left out keeps the value of the layer below it: ``--config`` file, then ``--recipe``, then
-the defaults of :class:`revnets.training.TrainConfig`. Under ``torchrun`` (``torchrun --nproc-per-node N
--m revnets train ...``) each process runs this command and joins the process group.
+The options are generated from the fields of :class:`revnets.training.TrainConfig` (name, type, help
+text, accepted values and default are declared once, there). Every option left out keeps the value of
+the layer below it: ``--config`` file, then ``--recipe``, then the defaults of ``TrainConfig``. Under
+``torchrun`` (``torchrun --nproc-per-node N -m revnets train ...``) each process runs this command and
+joins the process group.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from pathlib import Path
+from typing import Any
 
 import typer
 from tqdm import tqdm
 
 from ..training import RECIPES, Interrupted, RunDirectoryError, TrainConfig, resolve, summary_table
 from ..training.checkpoint import NEW_RUN_DIR
+from ..training.config import FIELD_TYPES
 from ..training.distributed import launched_by_torchrun
 from ..training.loop import Trainer, resumed_trainer
 
+#: Options that are not fields of TrainConfig: entries of its option dicts, and how the run is set up.
+_EXTRA_OPTIONS: dict[str, tuple[type, Any]] = {
+    "gamma": (float, typer.Option(None, help="Momentum γ of momentum_* models.", show_default="the model's own")),
+    "h": (float, typer.Option(None, help="Step size of hamiltonian/midpoint/leapfrog models.",
+                              show_default="the model's own")),
+    "image_size": (int, typer.Option(None, help="Side images of an image folder are resized to.",
+                                     show_default="the images' own")),
+    "recipe": (typing.Literal[tuple(RECIPES)], typer.Option(None, help="A paper's protocol, under the options given.",
+                                                            show_default="none")),
+    "config": (Path, typer.Option(None, help="A TOML, YAML or JSON file of options (keys as the option names), "
+                                  "under the options given.", show_default="none")),
+    "out": (Path, typer.Option(None, help="Run directory: a new one, an empty one, or with --overwrite an earlier "
+                               "run's.", show_default="a new runs/<model>-<dataset>-<time>")),
+    "overwrite": (bool, typer.Option(False, "--overwrite", help="Replace the run in --out: deletes what that run "
+                                     "wrote, and refuses if --out holds anything else.")),
+    "resume": (Path, typer.Option(None, help="Continue the run in this directory from its last checkpoint, with its "
+                                  "saved configuration.", show_default="none")),
+}
 
-def _milestones(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise typer.BadParameter(f"--milestones takes comma-separated epochs, e.g. 80,120,160; got {text!r}") from None
+
+def _field_option(spec: dataclasses.Field) -> tuple[type, Any]:
+    """The command-line type and ``typer.Option`` of a :class:`TrainConfig` field."""
+    annotation = FIELD_TYPES[spec.name]
+    arguments = typing.get_args(annotation)
+    if type(None) in arguments:
+        (annotation,) = (arg for arg in arguments if arg is not type(None))
+    metadata = spec.metadata
+    shown = metadata["shown"] or str(spec.default)
+    if annotation is bool:
+        flag = "--" + spec.name.replace("_", "-")
+        return bool, typer.Option(None, f"{flag}/--no-{flag[2:]}", help=metadata["help"],
+                                  show_default="on" if spec.default else "off")
+    if typing.get_origin(annotation) is tuple:  # parsed by TrainConfig from "80,120,160"
+        annotation = str
+    if metadata["choices"] is not None:
+        annotation = typing.Literal[metadata["choices"]]
+    return annotation, typer.Option(None, help=metadata["help"], show_default=shown)
 
 
-def train(
-    model: str = typer.Option(None, help="A name of revnets.models.list_models(), e.g. momentum_resnet18."),
-    dataset: str = typer.Option(None, help="A name of revnets.data.list_datasets() with images, e.g. digits."),
-    root: str = typer.Option(None, help="Directory of a dataset read from disk (cifar10, stl10, imagefolder...)."),
-    epochs: int = typer.Option(None, help="Passes over the training set [10]."),
-    batch_size: int = typer.Option(None, help="Images per step, over all processes [128]."),
-    lr: float = typer.Option(None, help="Peak learning rate [0.1]."),
-    optimizer: str = typer.Option(None, help="sgd (momentum 0.9) or adamw [sgd]."),
-    momentum: float = typer.Option(None, help="SGD momentum [0.9]."),
-    weight_decay: float = typer.Option(None, help="Weight decay [5e-4]."),
-    schedule: str = typer.Option(None, help="cosine, multistep or constant, after the warm-up [cosine]."),
-    milestones: str = typer.Option(None, help="Epochs of the multistep schedule, e.g. 80,120,160."),
-    lr_decay: float = typer.Option(None, help="Factor of the multistep schedule at each milestone [0.1]."),
-    warmup_epochs: float = typer.Option(None, help="Epochs of linear learning-rate warm-up (fractions allowed) [0]."),
-    label_smoothing: float = typer.Option(None, help="Label smoothing of the cross-entropy [0]."),
-    grad_clip: float = typer.Option(None, help="Clip the global gradient norm to this value [none]."),
-    smoothness: float = typer.Option(None, help="Weight of Chang et al.'s kernel smoothness penalty [0]."),
-    augment: str = typer.Option(None, help="auto (crop+flip for CIFAR/STL/folders, none for digits), none, crop-flip."),
-    bn_recalibration: int = typer.Option(None, help="Training batches over which BatchNorm statistics are "
-                                         "recomputed after every epoch (0: keep running averages) [16]."),
-    mode: str = typer.Option(None, help="Memory strategy: reversible, autograd or checkpoint [reversible]."),
-    precision: str = typer.Option(None, help="32, bf16 (autocast) or 16-mixed (float16 autocast, loss scaling) [32]."),
-    gamma: float = typer.Option(None, help="Momentum γ of momentum_* models (their default otherwise)."),
-    h: float = typer.Option(None, help="Step size of hamiltonian/midpoint/leapfrog models."),
-    limit: int = typer.Option(None, help="Train on the first LIMIT images only."),
-    eval_split: str = typer.Option(None, help="Split evaluated after every epoch (e.g. val for an image folder)."),
-    image_size: int = typer.Option(None, help="Side images of an image folder are resized to."),
-    seed: int = typer.Option(None, help="Random seed (weights, data order, augmentation) [0]."),
-    device: str = typer.Option(None, help="auto (CUDA if available), cpu, cuda, cuda:N or mps [auto]."),
-    num_workers: int = typer.Option(None, help="Data-loading worker processes [0]."),
-    checkpoint_every: int = typer.Option(None, help="Also checkpoint every N steps (0: every epoch only) [0]."),
-    sync_bn: bool = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm under torchrun (DDP)."),
-    parallel: str = typer.Option(None, help="Under torchrun: ddp or fsdp [ddp]."),
-    tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also log to TensorBoard."),
-    recipe: str = typer.Option(None, help=f"A paper's protocol: {', '.join(RECIPES)}."),
-    config: Path = typer.Option(None, help="A TOML or YAML file of options (keys as the option names)."),
-    out: Path = typer.Option(None, help="Run directory [a new runs/<model>-<dataset>-<time>]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out run directory."),
-    resume: Path = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
-) -> None:
+def _parameters() -> list[inspect.Parameter]:
+    options = {spec.name: _field_option(spec) for spec in dataclasses.fields(TrainConfig) if spec.metadata["cli"]}
+    options.update(_EXTRA_OPTIONS)
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (annotation, default) in options.items()]
+
+
+def train(**options: Any) -> None:
     """Train a zoo model on an image dataset; writes checkpoints, metrics, curves and weights as it goes."""
-    options = {
-        "model": model, "dataset": dataset, "root": root, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "optimizer": optimizer, "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule,
-        "milestones": _milestones(milestones), "lr_decay": lr_decay, "warmup_epochs": warmup_epochs,
-        "label_smoothing": label_smoothing, "grad_clip": grad_clip, "smoothness": smoothness, "augment": augment,
-        "bn_recalibration": bn_recalibration, "mode": mode, "precision": precision, "limit": limit,
-        "eval_split": eval_split, "seed": seed, "device": device, "num_workers": num_workers,
-        "checkpoint_every": checkpoint_every, "sync_bn": sync_bn, "parallel": parallel, "tensorboard": tensorboard,
-        "model_options": {key: value for key, value in (("gamma", gamma), ("h", h)) if value is not None} or None,
-        "dataset_options": None if image_size is None else {"image_size": image_size},
-    }
+    recipe, config, out, overwrite, resume = (options.pop(key) for key in ("recipe", "config", "out", "overwrite",
+                                                                          "resume"))
+    extras = {key: options.pop(key) for key in ("gamma", "h", "image_size")}
+    options["model_options"] = {key: extras[key] for key in ("gamma", "h") if extras[key] is not None} or None
+    options["dataset_options"] = None if extras["image_size"] is None else {"image_size": extras["image_size"]}
     given = {key: value for key, value in options.items() if value is not None}
     bars: dict[int, tqdm] = {}
     try:
@@ -105,6 +103,9 @@ def train(
         typer.echo("\n" + summary_table(history, trainer.config.eval_split))
         typer.echo(f"run written to {trainer.out}/ (metrics.csv, metrics.jsonl, curves.png, model.safetensors, "
                    "checkpoints/)")
+
+
+train.__signature__ = inspect.Signature(_parameters())  # what typer reads the options from
 
 
 def _progress(bars: dict[int, tqdm], trainer: Trainer, epoch: int, step: int, steps: int, loss: float) -> None:

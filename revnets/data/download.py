@@ -112,7 +112,7 @@ def locate_files(archive: Archive, root: str | Path, names: Sequence[str], *, do
         download_archive(archive, root)
     for path in paths:
         if not path.is_file():
-            hint = "" if download else "; pass download=True to fetch it"
+            hint = "" if download else "; pass download=True (revnets train: --download) to fetch it"
             raise FileNotFoundError(
                 f"expected {path} ({archive.description} {archive.filename}, extracted into {root}){hint}"
             )

@@ -176,12 +176,19 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def _mean_std(entry: dict[str, Any]) -> str:
+    """``mean ± std`` with the std to two significant digits and the mean to the same decimal place;
+    the value alone for one seed (a std of one value means nothing); accuracies in %."""
     mean, std = entry["mean"], entry["std"]
     if mean is None:
         return "n/a"
-    scale = 100 if "accuracy" in entry["metric"] else 1
-    unit = " %" if scale == 100 else ""
-    return f"{scale * mean:.4g} ± {scale * (std or 0):.2g}{unit}"
+    scale, unit = (100, " %") if "accuracy" in entry["metric"] else (1, "")
+    mean, std = scale * mean, scale * (std or 0.0)
+    if len(entry["per_seed"]) < 2 or std == 0:
+        return f"{mean:.4g}{unit}"
+    decimals = min(max(1 - math.floor(math.log10(std)), 0), 8)
+    if abs(mean) >= 1e5 or abs(mean) < 10 ** -decimals:
+        return f"{mean:.3e} ± {std:.2g}{unit}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}{unit}"
 
 
 def pyplot():
@@ -213,11 +220,39 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return {**record["details"], "summary": record["summary"]}
 
 
+def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
+    """Make ``out`` ready for an experiment's files: a new or empty directory is used as it is; one
+    holding an earlier experiment's ``results.json`` only with ``overwrite`` (its results.json and
+    figure are then written over; nothing is deleted); anything else is refused.
+
+    Raises:
+        ValueError: ``out`` is a file or link, a non-empty directory without a ``results.json`` of
+            revnets, or an earlier output without ``overwrite``.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a folder: "
+                         "revnets does not write over what it did not create; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = json.loads((out / RESULTS_FILE).read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or "experiment" not in earlier:
+            raise ValueError(f"--out {out} is a folder that is not empty and holds no earlier results of revnets "
+                             f"({RESULTS_FILE}): choose a new or empty --out")
+        if not overwrite:
+            raise ValueError(f"--out {out} holds the results of an earlier run ({earlier['experiment']}): pass "
+                             "--overwrite to write over its results.json and figure, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def reproduce(
-    name: str, out: str | Path, *, smoke: bool = False, command: str | None = None, **options: Any
+    name: str, out: str | Path, *, smoke: bool = False, command: str | None = None, overwrite: bool = False,
+    **options: Any
 ) -> dict[str, Any]:
     """Run experiment ``name`` with ``options`` (config fields; ``None`` = default), write
-    ``<out>/results.json`` and the figure, and return the record written.
+    ``<out>/results.json`` and the figure, and return the record written. ``out`` must be new or
+    empty, or hold an earlier run's results with ``overwrite`` (:func:`prepare_output_dir`).
 
     The record: ``experiment``, ``claim``, ``paper``, ``smoke``, ``config``, ``seeds`` (the list used),
     ``environment``, ``git_commit``, ``command`` (as given by the caller), ``wall_time_s``, ``figure``
@@ -227,7 +262,7 @@ def reproduce(
     experiment = get_experiment(name)
     config = experiment.make_config(smoke=smoke, **options)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, overwrite=overwrite)
     start = time.perf_counter()
     results = experiment.run(config)
     wall_time = time.perf_counter() - start

@@ -6,8 +6,8 @@ The paper (10 runs each): CIFAR-10 ResNet 95.15 ± 0.12, Momentum (v₀ = 0) 95.
 Protocol: the zoo's ``resnet101``, ``momentum_resnet101`` with ``init_velocity="zero"`` and with
 ``"learned"`` (γ = 0.9; CIFAR stem: 3×3 stride-1 convolution, no max-pool), SGD momentum 0.9, weight
 decay 5e-4, batch 128, random crop (padding 4) + horizontal flip, 220 epochs, per-channel
-normalisation; learning rate 0.1 with a cosine schedule [the paper's schedule is not in PAPERS.md:
-this one is our choice]. Data: ``--data-dir`` holding ``cifar-10-batches-py/`` or
+normalisation; learning rate 0.1 with a cosine schedule [the paper's schedule was not available to
+us: this one is our choice]. Data: ``--data-dir`` holding ``cifar-10-batches-py/`` or
 ``cifar-100-python/`` (the python versions).
 
 This needs a GPU (ResNet-101 for 220 epochs is days of CPU time): without CUDA only ``--smoke`` runs,

@@ -1,7 +1,7 @@
 """``l2o``: learning to optimise — a Momentum ResNet converges to a fixed point, a RevNet cannot.
 
-The paper's exact task is not available (PAPERS.md: "[task, depth and metrics unverified]"); this
-one is designed from first principles.
+The paper's exact task is not available to us (Sander et al. 2021 state the claim; we could not
+check their task, depth or metrics); this one is designed from first principles.
 
 **Task.** Random strongly convex quadratics ``F(z) = ½(z − z*)ᵀQ(z − z*)`` in ``d = 8`` dimensions,
 ``Q = U·diag(q)·Uᵀ`` with ``U`` a random rotation and ``q`` log-uniform in ``[0.05, 1]``, minimiser
@@ -207,7 +207,7 @@ EXPERIMENT = register_experiment(Experiment(
     name="l2o",
     claim="Learning to optimise: a Momentum ResNet (contains heavy-ball descent) converges to the minimiser; "
           "a RevNet (volume preserving) cannot.",
-    paper="Sander et al. 2021 (PAPERS.md; task designed here, the paper's exact one is unavailable)",
+    paper="Sander et al. 2021, learning to optimise (task designed here, the paper's exact one is unavailable)",
     config_type=L2OConfig,
     run=run,
     plot=plot,

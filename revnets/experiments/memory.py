@@ -4,9 +4,9 @@
 functions ``f_n = Linear(d, hidden)–Tanh–Linear(hidden, d)``; the ResNet is the plain PyTorch loop
 ``x ← x + f_n(x)`` (autograd stores every layer's input), the Momentum ResNet is
 :class:`revnets.MomentumNet` in ``mode="reversible"`` with ``γ = 1 − 1/(50·depth)`` (as the authors'
-plot), which stores no activation: its backward rebuilds them by inversion. Defaults follow
-PAPERS.md's toy (``d = 500``, hidden 8, batch 500); the authors' own script uses ``d = 2``, hidden 1
-and 400,000 points.
+plot), which stores no activation: its backward rebuilds them by inversion. Defaults follow the
+paper's toy memory plot as we read it (``d = 500``, hidden 8, batch 500); the authors' own script
+uses ``d = 2``, hidden 1 and 400,000 points.
 
 (b) **Transformers** (Fig. 2 of the seed): an ``nn.TransformerEncoder`` (12 layers, width 64, 4 heads,
 feed-forward 256, no dropout) against the same encoder converted by
@@ -41,7 +41,7 @@ from .base import Experiment, pyplot, register_experiment, save_figure, summary_
 
 @dataclass
 class MemoryConfig:
-    """Settings of the memory experiment (defaults: PAPERS.md's toy for (a), a small encoder for (b))."""
+    """Settings of the memory experiment (defaults: the paper's toy for (a), a small encoder for (b))."""
 
     seeds: int = 1
     depths: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400])

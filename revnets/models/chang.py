@@ -32,8 +32,9 @@ schemes have two branches per block, hence the same depth and the same parameter
   ``G = K₂ᵀσ(BN(K₂·BN(x)))``.
 * **Midpoint** (:class:`~revnets.MidpointNet`): one block = two steps
   ``Y_{j+1} = Y_{j−1} + 2h·σ(BN((K_j − K_jᵀ)·BN(Y_j)))``, the two halves of the unit input being
-  ``(Y_{−1}, Y_0)``. [unverified exact form: PAPERS.md gives only ``σ((K − Kᵀ)Y + b)`` "with an
-  antisymmetric operator"; the BNs are added as in the Hamiltonian branch.]
+  ``(Y_{−1}, Y_0)``. [exact form unverified: all we could establish from Chang et al. (2018) is a
+  branch ``σ((K − Kᵀ)Y + b)`` on the antisymmetric operator ``K − Kᵀ``; the BNs are added as in the
+  Hamiltonian branch.]
 * **Leapfrog** (:class:`~revnets.LeapfrogNet`): one block = two steps
   ``Y_{j+1} = 2Y_j − Y_{j−1} − h²·K_jᵀσ(BN(K_j·BN(Y_j)))`` on ``(Y_{j−1}, Y_j)``; the stack applies
   ``h²`` and the minus sign, the branch is the plain ``Kᵀσ(…)``.

@@ -144,6 +144,9 @@ def revnet(depth: int, num_classes: int = 10, *, mode: str = "reversible", exact
 
 
 for _depth in CONFIGS:
-    register_model(partial(resnet, _depth), name=f"resnet{_depth}")
-    register_model(partial(momentum_resnet, _depth), name=f"momentum_resnet{_depth}")
-    register_model(partial(revnet, _depth), name=f"revnet{_depth}")
+    register_model(partial(resnet, _depth), name=f"resnet{_depth}", summary=f"The plain CIFAR ResNet-{_depth}.")
+    register_model(partial(momentum_resnet, _depth), name=f"momentum_resnet{_depth}",
+                   summary=f"The CIFAR Momentum ResNet-{_depth} (Sander et al. 2021): ResNet-{_depth} with its "
+                   "residual blocks as momentum stacks (gamma = 0.9 by default).")
+    register_model(partial(revnet, _depth), name=f"revnet{_depth}",
+                   summary=f"The RevNet counterpart of ResNet-{_depth}: additive couplings of half-width blocks.")

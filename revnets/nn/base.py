@@ -16,7 +16,20 @@ def as_module_list(functions: Iterable[Callable[..., Tensor]], name: str) -> nn.
     """Register the functions of a stack; plain callables are wrapped so they can sit in a ModuleList.
 
     The same module may appear several times (shared weights).
+
+    Raises:
+        TypeError: ``functions`` is one module (an ``nn.Sequential`` is one function, not a list of
+            layers: which one was meant cannot be told) or not iterable, or an item is not callable.
     """
+    if isinstance(functions, nn.Module) and not isinstance(functions, nn.ModuleList):
+        kind = type(functions).__name__
+        raise TypeError(
+            f"{name} must be a list with one function per layer; got a single {kind}. For a stack of one "
+            f"layer that is this {kind}, pass [module]; for one layer per child of it, pass list(module) "
+            "(or an nn.ModuleList)"
+        )
+    if not isinstance(functions, Iterable):
+        raise TypeError(f"{name} must be a list with one function per layer; got {type(functions).__name__}")
     modules = []
     for i, f in enumerate(functions):
         if isinstance(f, nn.Module):

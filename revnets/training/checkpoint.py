@@ -17,8 +17,10 @@ tensors, numbers, strings, lists, tuples and dicts and is read with ``torch.load
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -50,25 +52,56 @@ def default_run_dir(model: str, dataset: str, parent: Path = Path("runs")) -> Pa
     return candidate
 
 
-def prepare_run_dir(out: Path, *, overwrite: bool) -> None:
-    """Create ``out`` for a new run; an existing ``out`` is refused unless ``overwrite``.
+#: What a run directory holds, all written by revnets (see the module docs); ``--overwrite`` deletes these
+#: and nothing else.
+RUN_ENTRIES = frozenset({CONFIG_FILE, "metrics.csv", "metrics.jsonl", "curves.png", "model.safetensors",
+                         CHECKPOINTS, "tensorboard"})
+#: The temporary files of :func:`atomic_write` that a kill can leave behind.
+_TEMPORARY = re.compile(r"\..+\.tmp-\d+")
 
-    With ``overwrite`` an existing file is removed, and so is a directory that holds a run (a
-    ``config.json``) or nothing; any other directory is refused rather than deleted.
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory that a revnets run wrote: its ``config.json`` holds the run's
+    ``config`` and ``environment`` (what :class:`~revnets.training.loop.Trainer` writes first)."""
+    try:
+        record = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("config"), dict) and "environment" in record
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool) -> None:
+    """Create ``out`` for a new run. A missing or empty directory is used as it is; a run directory
+    is refused unless ``overwrite``, and then only what revnets wrote in it is deleted; anything else
+    (a file, a link, a directory that holds no run, a run directory holding files revnets did not
+    write) is refused with the reason, and never deleted.
+
+    Raises:
+        RunDirectoryError: ``out`` cannot be used, saying why and what to do.
     """
-    if out.exists() or out.is_symlink():
-        kind = "a file" if not out.is_dir() else "a directory"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise RunDirectoryError(f"--out {out} is {kind}, not a run directory: revnets does not write over or "
+                                f"delete what it did not create; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_run_dir(out):
+            raise RunDirectoryError(f"--out {out} is a directory that holds no revnets run (no run's {CONFIG_FILE}) "
+                                    f"and is not empty: revnets does not delete what it did not create; choose "
+                                    f"another --out")
         if not overwrite:
-            raise RunDirectoryError(f"--out {out} already exists ({kind}): pass --resume {out} to continue the run "
-                                    f"in it, --overwrite to replace it, or another --out")
-        if not out.is_dir():
-            out.unlink()
-        elif (out / CONFIG_FILE).is_file() or not any(out.iterdir()):
-            shutil.rmtree(out)
-        else:
-            raise RunDirectoryError(f"--overwrite refuses to delete {out}: it is not a run directory "
-                                    f"(no {CONFIG_FILE})")
-    out.mkdir(parents=True)
+            raise RunDirectoryError(f"--out {out} already holds a run: pass --resume {out} to continue it, "
+                                    f"--overwrite to replace it, or another --out")
+        foreign = sorted(entry.name for entry in out.iterdir()
+                         if entry.name not in RUN_ENTRIES and not _TEMPORARY.fullmatch(entry.name))
+        if foreign:
+            raise RunDirectoryError(f"--overwrite deletes only what revnets wrote, and {out} also holds "
+                                    f"{', '.join(foreign)}: move that elsewhere or choose another --out")
+        for entry in out.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def fsync_directory(path: Path) -> None:

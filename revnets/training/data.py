@@ -56,6 +56,11 @@ def load_datasets(config: TrainConfig) -> Datasets:
     return Datasets(train_set, eval_set, channels, classes)
 
 
+def fetch_dataset(config: TrainConfig) -> None:
+    """Download ``config.dataset``'s official archive into ``config.root`` if its files are missing."""
+    load_dataset(config.dataset, config.root, split="train", download=True, **config.dataset_options)
+
+
 class ResumableSampler(DistributedSampler):
     """:class:`DistributedSampler` (shuffled, seeded, this process's share) that can skip the first
     ``skip`` indices of its epoch: the position of a resumed run inside the epoch."""

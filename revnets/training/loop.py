@@ -40,7 +40,7 @@ from ..models import create_model
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RUNTIME_FIELDS, TrainConfig
-from .data import Datasets, augmentation, crop_flip, evaluation_loader, load_datasets, training_loader
+from .data import Datasets, augmentation, crop_flip, evaluation_loader, fetch_dataset, load_datasets, training_loader
 from .devices import autocast, grad_scaler, resolve_device
 from .metrics import EpochMetrics, MetricsLog, PeakMemory, summary_table, tensorboard_writer
 
@@ -192,6 +192,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
+        if config.download:
+            self._download()
         self.datasets: Datasets = load_datasets(config)
         world, rank = self.processes.world, self.processes.rank
         self.train_loader = training_loader(self.datasets, config, world=world, rank=rank, pin_memory=pin)
@@ -228,6 +230,18 @@ class Trainer:
         error = distributed.broadcast(error, self.processes)
         if error is not None:
             raise ckpt.RunDirectoryError(error)
+
+    def _download(self) -> None:
+        """Fetch the dataset's archive on the main process while the others wait; a failure reaches all."""
+        error = None
+        if self.processes.main:
+            try:
+                fetch_dataset(self.config)
+            except (OSError, ValueError) as failed:
+                error = f"--download of {self.config.dataset} into {self.config.root} failed: {failed}"
+        error = distributed.broadcast(error, self.processes)
+        if error is not None:
+            raise ValueError(error)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -402,10 +416,17 @@ def train(config: TrainConfig, out: Path | None = None, *, overwrite: bool = Fal
 
 def saved_config(out: Path) -> TrainConfig:
     """The configuration of the run in ``out`` (its ``config.json``)."""
-    path = out / ckpt.CONFIG_FILE
-    if not path.is_file():
-        raise ckpt.RunDirectoryError(f"--resume {out}: no run there (no {ckpt.CONFIG_FILE})")
-    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+    if not out.is_dir():
+        what = "does not exist" if not out.exists() else "is a file, not a run directory"
+        raise ckpt.RunDirectoryError(f"--resume {out}: {out} {what}")
+    if not ckpt.is_run_dir(out):
+        raise ckpt.RunDirectoryError(f"--resume {out}: no revnets run there (no readable {ckpt.CONFIG_FILE} "
+                                     "with the run's configuration)")
+    try:
+        return TrainConfig.from_dict(json.loads((out / ckpt.CONFIG_FILE).read_text())["config"])
+    except ValueError as error:
+        raise ckpt.RunDirectoryError(f"--resume {out}: its {ckpt.CONFIG_FILE} holds a configuration this version "
+                                     f"of revnets cannot use: {error}") from None
 
 
 def resume(out: Path, *, progress: Progress | None = None, **runtime) -> tuple[nn.Module, list[EpochMetrics]]:
