@@ -4,8 +4,13 @@ Momentum ResNets (Sander et al., ICML 2021), RevNets (Gomez et al., 2017) and Ch
 Hamiltonian, Midpoint and Leapfrog networks (AAAI 2018), all run by one memory-free autograd engine.
 """
 
-from .autograd.engine import MODES as MODES
-from .autograd.engine import ExactState as ExactState
+from .autograd import MODES as MODES
+from .autograd import Autograd as Autograd
+from .autograd import Checkpoint as Checkpoint
+from .autograd import Exact as Exact
+from .autograd import ExactState as ExactState
+from .autograd import MemoryStrategy as MemoryStrategy
+from .autograd import Reversible as Reversible
 from .nn import HamiltonianNet as HamiltonianNet
 from .nn import LeapfrogNet as LeapfrogNet
 from .nn import MidpointNet as MidpointNet

@@ -1,5 +1,5 @@
 """The reversible engine runs a stack as a chain of autograd nodes (chunks of about 1 Mi parameters, see
-``revnets.autograd.engine._chunks``) that hand each other their state outside autograd. Splitting changes
+``revnets.autograd.reversible.chunk_ranges``) that hand each other their state outside autograd. Splitting changes
 nothing but when parameter gradients reach autograd: the same bits in exact mode, the same gradients,
 random numbers, running statistics and error messages as one node."""
 
@@ -13,7 +13,7 @@ from helpers import ARCHITECTURES, make_input, make_net
 from torch import nn
 
 import revnets
-from revnets.autograd import engine
+from revnets.autograd import reversible
 
 DEPTH = 20
 
@@ -31,7 +31,7 @@ def one_node_and_chunks(monkeypatch, build, x):
     """``run`` on a fresh ``build()`` as one autograd node, and split into chunks of about 3 layers."""
     torch.manual_seed(3)
     whole = run(build(), x)
-    monkeypatch.setattr(engine, "_CHUNK_PARAMETERS", 3 * 24)
+    monkeypatch.setattr(reversible, "CHUNK_PARAMETERS", 3 * 24)
     torch.manual_seed(3)
     chunked = run(build(), x)
     return whole, chunked
@@ -44,12 +44,12 @@ def assert_identical(a, b):
 
 
 def test_the_split_is_into_chunks_of_at_least_the_parameter_count(monkeypatch):
-    monkeypatch.setattr(engine, "_CHUNK_PARAMETERS", 50)
+    monkeypatch.setattr(reversible, "CHUNK_PARAMETERS", 50)
     params = tuple(torch.zeros(n) for n in (20, 20, 20, 60, 10, 10))
     layers = ((0,), (1,), (2,), (3,), (4,), (5,))
-    assert engine._chunks(params, layers) == [(0, 3), (3, 4), (4, 6)]
+    assert reversible.chunk_ranges(params, layers) == [(0, 3), (3, 4), (4, 6)]
     shared = ((0,), (0,), (0, 1), (0, 2))  # a parameter counts once per chunk
-    assert engine._chunks(params, shared) == [(0, 4)]
+    assert reversible.chunk_ranges(params, shared) == [(0, 4)]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -85,7 +85,7 @@ def test_dropout_and_batchnorm_across_chunks(arch, monkeypatch):
 
 
 def test_a_nan_in_a_later_chunk_is_named_exactly(monkeypatch):
-    monkeypatch.setattr(engine, "_CHUNK_PARAMETERS", 3 * 24)
+    monkeypatch.setattr(reversible, "CHUNK_PARAMETERS", 3 * 24)
     functions = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(DEPTH)]
     with torch.no_grad():
         functions[13][0].weight.fill_(math.inf)

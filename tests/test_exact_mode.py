@@ -394,10 +394,10 @@ def test_fused_and_separate_arithmetic_give_the_same_bits(dtype, monkeypatch):
 def test_the_view_made_with_a_copy_update_is_handed_out_once(dtype):
     """``x ← x + v`` makes the view of the new x in the same pass; the next view of that x is it, once
     (a function may modify its input in place), then a fresh dequantisation with the same bits."""
-    from revnets.autograd.engine import _FixedPointArithmetic
+    from revnets.autograd.arithmetic import FixedPointArithmetic
     from revnets.steps.base import Update
 
-    arithmetic = _FixedPointArithmetic(32, dtype, (Fraction(1),))
+    arithmetic = FixedPointArithmetic(32, dtype, (Fraction(1),))
     x, v = (exact.quantize(inputs(seed, dtype=dtype), 32) for seed in (1, 2))
     buffer = exact.InformationBuffer.empty(x)
     new, _ = arithmetic.apply(0, Update.copy(0, 1), x, buffer, v, "layer 0")

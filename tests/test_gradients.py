@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 import revnets
-from revnets.autograd import engine
+from revnets.autograd import reversible
 
 MODES = revnets.MODES
 
@@ -38,7 +38,7 @@ MODES = revnets.MODES
 def small_chunks(monkeypatch):
     """Every test here crosses the reversible engine's chunk boundaries (about every 4 layers of width 4),
     which real layers only meet every 1 Mi parameters."""
-    monkeypatch.setattr(engine, "_CHUNK_PARAMETERS", 100)
+    monkeypatch.setattr(reversible, "CHUNK_PARAMETERS", 100)
 EPS32 = torch.finfo(torch.float32).eps
 HIDDEN = 3  # hidden width of the conditioned functions below
 
@@ -566,7 +566,7 @@ def test_parameter_gradients_are_handed_over_before_the_first_layers_are_rebuilt
     """Each chunk of layers (here 8 layers of 20 parameters) is its own autograd node: the gradients of the
     last layers' parameters are accumulated (and their hooks, such as DDP's reductions, run) while the first
     layers are still to be rebuilt, instead of all at the end of the stack's backward."""
-    monkeypatch.setattr(engine, "_CHUNK_PARAMETERS", 8 * 20)
+    monkeypatch.setattr(reversible, "CHUNK_PARAMETERS", 8 * 20)
     log: list = []
     functions = [_Logged(k, log) for k in range(20)]
     for k, f in enumerate(functions):

@@ -26,7 +26,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..autograd.engine import check_mode, checkpoint_call
+from ..autograd import check_mode, checkpoint_call
 from ..nn.base import ReversibleNet
 from ..nn.momentum import MomentumNet
 from . import huggingface
@@ -115,7 +115,7 @@ class ConvertedStage(nn.Sequential):
     """A converted ResNet stage: ``(first block, reversible stack)``, named as the original (``0``, ``1``).
 
     The first block changes shape or stride, so it cannot be inverted; in ``"reversible"`` and
-    ``"checkpoint"`` mode it runs under :func:`~revnets.autograd.engine.checkpoint_call`, holding only
+    ``"checkpoint"`` mode it runs under :func:`~revnets.autograd.checkpoint_call`, holding only
     its input until the backward, so that the converted model always holds less than the original.
     ``revnets.set_mode`` switches it with the stacks.
     """

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..autograd.engine import check_mode
+from ..autograd import check_mode
 from ..nn.base import ReversibleNet
 from ..nn.coupling import HamiltonianNet, check_step_size
 from ..nn.twostep import LeapfrogNet, MidpointNet

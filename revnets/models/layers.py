@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..autograd.engine import check_mode, checkpoint_call
+from ..autograd import check_mode, checkpoint_call
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -81,7 +81,7 @@ class Bottleneck(ResidualBlock):
 
 class Stage(nn.Sequential):
     """Plain (non-invertible) blocks with a memory strategy: ``mode="checkpoint"`` recomputes each block
-    in the backward (:func:`revnets.autograd.engine.checkpoint_call`: BatchNorm running statistics
+    in the backward (:func:`revnets.autograd.checkpoint_call`: BatchNorm running statistics
     updated once per step, dropout replayed).
 
     ``whole=True`` checkpoints the sequence as one unit (a stem: conv, BN, ReLU) instead of block by

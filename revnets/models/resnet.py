@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..autograd.engine import checkpoint_call
+from ..autograd import checkpoint_call
 from ..convert.momentum import ConvertedStage, convert_to_momentum
 from ..convert.residual import ResidualFunction
 from ..nn.coupling import RevNet

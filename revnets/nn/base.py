@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypedDict
 
 from torch import Tensor, nn
 
 from ..autograd import engine
-from ..autograd.engine import ExactState, Stack, check_mode
+from ..autograd.arithmetic import ExactState
 from ..autograd.exact import FRAC_BITS_DEFAULT
+from ..autograd.stack import Stack
+from ..autograd.strategy import Exact, MemoryStrategy, check_memory_budget, check_mode, memory_strategy
 from ..steps.base import State, Step, join_channels, split_channels
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class MemoryKeywords(TypedDict, total=False):
+    """The memory-strategy keywords every reversible network takes (see :class:`ReversibleNet`):
+    ``mode``, ``exact``, ``frac_bits``, ``memory_budget`` (spelled into a strategy by
+    :func:`~revnets.autograd.strategy.memory_strategy`), or a ready ``strategy`` instead of them."""
+
+    mode: str
+    exact: bool
+    frac_bits: int
+    memory_budget: float
+    strategy: MemoryStrategy
 
 
 def as_module_list(functions: Iterable[Callable[..., Tensor]], name: str) -> nn.ModuleList:
@@ -41,45 +59,38 @@ def as_module_list(functions: Iterable[Callable[..., Tensor]], name: str) -> nn.
     return nn.ModuleList(modules)
 
 
-def set_mode(model: nn.Module, mode: str, *, memory_budget: float | None = None) -> nn.Module:
+def set_mode(model: nn.Module, mode: str | MemoryStrategy, *, memory_budget: float | None = None) -> nn.Module:
     """Switch every stack inside ``model`` that has a memory strategy to ``mode``; returns ``model``.
 
     A stack is any submodule with ``check_mode_allowed(mode)`` and ``set_mode(mode)`` (every
-    :class:`ReversibleNet`, the plain stages of the model zoo). ``memory_budget`` (if given) is set
-    on every :class:`ReversibleNet` too (see :attr:`ReversibleNet.memory_budget`). All are checked
-    before any is changed, so on error the model is left as it was.
+    :class:`ReversibleNet`, the plain stages of the model zoo). ``mode`` is a name of
+    :data:`~revnets.autograd.strategy.MODES` or a :class:`~revnets.autograd.strategy.MemoryStrategy`
+    (which the plain stages take by its ``mode``). ``memory_budget`` (if given) is set on every
+    :class:`ReversibleNet` too (see :attr:`ReversibleNet.memory_budget`). All are checked before any is
+    changed, so on error the model is left as it was.
 
     Raises:
         ValueError: unknown ``mode``, a bad ``memory_budget``, a stack that cannot run in them, or no
             stack in ``model``.
     """
-    check_mode(mode)
+    name = mode.mode if isinstance(mode, MemoryStrategy) else check_mode(mode)
     stacks = [m for m in model.modules() if callable(getattr(m, "check_mode_allowed", None))]
     if not stacks:
         raise ValueError(f"{type(model).__name__} contains no reversible stack whose mode could be set")
-    budgeted = [m for m in stacks if isinstance(m, ReversibleNet)]
     if memory_budget is not None:
         check_memory_budget(memory_budget)
-        for stack in budgeted:
-            stack.check_memory_budget_allowed(memory_budget)
+    strategies = {}
     for stack in stacks:
-        stack.check_mode_allowed(mode)
+        if isinstance(stack, ReversibleNet):
+            strategies[stack] = stack.strategy_for(mode, memory_budget)
+        else:
+            stack.check_mode_allowed(name)
     for stack in stacks:
-        stack.set_mode(mode)
-    if memory_budget is not None:
-        for stack in budgeted:
-            stack.memory_budget = memory_budget
+        if isinstance(stack, ReversibleNet):
+            stack.strategy = strategies[stack]
+        else:
+            stack.set_mode(name)
     return model
-
-
-def check_memory_budget(memory_budget: float) -> float:
-    """Return ``memory_budget`` if it is a number in [0, 1], else raise a :class:`ValueError` saying so."""
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not 0 <= memory_budget <= 1:
-        raise ValueError(
-            "memory_budget must be a number in [0, 1], the fraction of the stack's autograd activation memory "
-            f"that may be kept (0: fully reversible, 1: plain autograd); got {memory_budget!r}"
-        )
-    return float(memory_budget)
 
 
 class _Function(nn.Module):
@@ -103,7 +114,10 @@ class ReversibleNet(nn.Module):
     becomes a state (:meth:`init_state`) and how a state becomes the output (:meth:`output`).
     With no layers (depth 0) the network is the identity, in every mode, as an empty ``nn.Sequential`` is.
 
-    Args:
+    Keyword args (:class:`MemoryKeywords`, the memory strategy; one object holds them:
+    :attr:`strategy`, a :class:`~revnets.autograd.strategy.MemoryStrategy`):
+        strategy: a ready strategy (``Reversible(memory_budget=…)``, ``Exact(frac_bits=…)``,
+            ``Checkpoint()``, ``Autograd()``), instead of the four keywords below.
         mode: ``"reversible"`` (default: activations are not stored; the backward inverts layer by
             layer), ``"autograd"`` (plain backpropagation, the reference) or ``"checkpoint"`` (store
             layer inputs, recompute each layer once).
@@ -111,7 +125,6 @@ class ReversibleNet(nn.Module):
             bit-exact at any depth (needs ``mode="reversible"``).
         frac_bits: fractional bits of the fixed-point state when ``exact=True``; values must stay
             within ``±2^(46 − frac_bits)`` (an :class:`OverflowError` says so otherwise).
-
         memory_budget: the fraction in [0, 1] of the stack's autograd activation memory that reversible
             mode may keep: the last ``round(memory_budget · depth)`` layers keep their graphs (plain
             backpropagation, no recomputation) and the others are inverted. 0 (default) is fully
@@ -127,22 +140,20 @@ class ReversibleNet(nn.Module):
 
     keep_input: bool = False
 
-    def __init__(
-        self, *, mode: str = "reversible", exact: bool = False, frac_bits: int = FRAC_BITS_DEFAULT,
-        memory_budget: float = 0.0,
-    ):
+    def __init__(self, **memory: Unpack[MemoryKeywords]):
         super().__init__()
-        self.mode = check_mode(mode)
-        if not isinstance(exact, bool):
-            raise TypeError(f"exact must be True or False; got {exact!r}")
-        if exact and mode != "reversible":
-            raise ValueError(f"exact=True holds the state in fixed point for exact inversion and needs mode='reversible'; got mode={mode!r}")
-        if not (isinstance(frac_bits, int) and 0 <= frac_bits <= 40):
-            raise ValueError(f"frac_bits must be an integer in [0, 40]; got {frac_bits!r}")
-        self.exact = exact
-        self.frac_bits = frac_bits
-        self.check_memory_budget_allowed(check_memory_budget(memory_budget))
-        self.memory_budget = float(memory_budget)
+        unknown = sorted(set(memory) - set(MemoryKeywords.__annotations__))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(unknown)}")
+        strategy = memory.pop("strategy", None)
+        if strategy is None:
+            strategy = memory_strategy(**memory)
+        elif memory:
+            raise ValueError(f"pass either strategy= or the keywords it replaces ({', '.join(sorted(memory))}), "
+                             "not both")
+        elif not isinstance(strategy, MemoryStrategy):
+            raise TypeError(f"strategy must be a revnets.autograd.MemoryStrategy; got {type(strategy).__name__}")
+        self.strategy = strategy
 
     # -- the declaration a subclass provides -------------------------------------------------------
     def step(self) -> Step:
@@ -162,29 +173,61 @@ class ReversibleNet(nn.Module):
         raise NotImplementedError
 
     # -- shared behaviour -----------------------------------------------------------------------------
-    def set_mode(self, mode: str) -> ReversibleNet:
-        """Switch the memory strategy (``"reversible"``, ``"autograd"``, ``"checkpoint"``); returns self."""
-        self.check_mode_allowed(mode)
-        self.mode = mode
+    def set_mode(self, mode: str | MemoryStrategy) -> ReversibleNet:
+        """Switch the memory strategy (a name of :data:`~revnets.autograd.strategy.MODES`, keeping
+        ``exact`` and ``frac_bits``, or a :class:`~revnets.autograd.strategy.MemoryStrategy`); returns self."""
+        self.strategy = self.strategy_for(mode)
         return self
 
-    def check_memory_budget_allowed(self, memory_budget: float) -> None:
-        """Raise ``ValueError`` if this network cannot keep part of its graph (exact mode)."""
-        if self.exact and memory_budget > 0:
-            raise ValueError(
-                f"memory_budget={memory_budget!r} keeps floating-point graphs of the last layers, which exact=True "
-                "(fixed-point state, bit-exact inversion) cannot mix with; use memory_budget=0 or exact=False"
-            )
+    def strategy_for(self, mode: str | MemoryStrategy, memory_budget: float | None = None) -> MemoryStrategy:
+        """The strategy ``set_mode(mode)`` would give this network (with ``memory_budget`` if given), checked.
 
-    def check_mode_allowed(self, mode: str) -> None:
+        Raises:
+            ValueError: an unknown mode, one this network cannot run in, or a budget it cannot keep.
+        """
+        if isinstance(mode, MemoryStrategy):
+            strategy = mode if memory_budget is None else memory_strategy(
+                mode.mode, exact=mode.exact, frac_bits=getattr(mode, "frac_bits", FRAC_BITS_DEFAULT),
+                memory_budget=memory_budget)
+        else:
+            check_mode(mode)
+            if self.exact and mode != "reversible":
+                raise ValueError(f"exact=True needs mode='reversible'; got mode={mode!r}")
+            strategy = memory_strategy(mode, exact=self.exact, frac_bits=self.frac_bits,
+                                       memory_budget=memory_budget or 0.0)
+        self.validate_mode(strategy.mode)
+        return strategy
+
+    def check_mode_allowed(self, mode: str | MemoryStrategy) -> None:
         """Raise ``ValueError`` if this network cannot run in ``mode`` (unknown mode, exact needs reversible...)."""
-        check_mode(mode)
-        if self.exact and mode != "reversible":
-            raise ValueError(f"exact=True needs mode='reversible'; got mode={mode!r}")
-        self.validate_mode(mode)
+        self.strategy_for(mode)
 
     def validate_mode(self, mode: str) -> None:
         """Hook for schemes that are not invertible in some configuration."""
+
+    @property
+    def mode(self) -> str:
+        """The name of the memory strategy: ``"reversible"``, ``"autograd"`` or ``"checkpoint"``."""
+        return self.strategy.mode
+
+    @property
+    def exact(self) -> bool:
+        """Whether the state is held in fixed point (:class:`~revnets.autograd.strategy.Exact`)."""
+        return self.strategy.exact
+
+    @property
+    def frac_bits(self) -> int:
+        """Fractional bits of the fixed-point state (exact mode's, else the default used by :meth:`exact_state`)."""
+        return self.strategy.frac_bits if isinstance(self.strategy, Exact) else FRAC_BITS_DEFAULT
+
+    @property
+    def memory_budget(self) -> float:
+        """The fraction in [0, 1] of autograd's activation memory the reversible strategy keeps (0 otherwise)."""
+        return self.strategy.memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: float) -> None:
+        self.strategy = self.strategy_for(self.strategy, value)
 
     @property
     def depth(self) -> int:
@@ -194,12 +237,8 @@ class ReversibleNet(nn.Module):
         return Stack(self.step, self.layers(), self.coefficients())
 
     def forward_state(self, state: State, *args, **kwargs) -> State:
-        """Run the layers on an explicit state (tuple of tensors) under the current mode."""
-        frac_bits = self.frac_bits if self.exact else None
-        return engine.run(
-            self.stack(), state, args, kwargs, mode=self.mode, frac_bits=frac_bits, keep_input=self.keep_input,
-            memory_budget=self.memory_budget,
-        )
+        """Run the layers on an explicit state (tuple of tensors) under the current strategy."""
+        return engine.run(self.stack(), state, args, kwargs, strategy=self.strategy, keep_input=self.keep_input)
 
     def inverse_state(self, state: State, *args, **kwargs) -> State:
         """Reconstruct the input state of the layers from their output state (no graph).

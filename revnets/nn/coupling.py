@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ..autograd.exact import FRAC_BITS_DEFAULT
 from ..steps.base import Step
 from ..steps.coupling import coupling_step
-from .base import TwoStreamNet, as_module_list
+from .base import MemoryKeywords, TwoStreamNet, as_module_list
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def check_step_size(h: float) -> float:
@@ -23,9 +26,9 @@ def check_step_size(h: float) -> float:
 class _CouplingNet(TwoStreamNet):
     """``y ← y + a·F_j(z);  z ← z + b·G_j(y)`` on the two halves of dim 1."""
 
-    def __init__(self, f_functions, g_functions, coefficients: tuple[float, float], *, mode, exact, frac_bits,
-                 memory_budget):
-        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
+    def __init__(self, f_functions: Iterable[Callable[..., Tensor]], g_functions: Iterable[Callable[..., Tensor]],
+                 coefficients: tuple[float, float], **memory: Unpack[MemoryKeywords]):
+        super().__init__(**memory)
         self.f_functions = as_module_list(f_functions, "f_functions")
         self.g_functions = as_module_list(g_functions, "g_functions")
         if len(self.f_functions) != len(self.g_functions):
@@ -53,14 +56,9 @@ class RevNet(_CouplingNet):
         self,
         f_functions: Iterable[Callable[..., Tensor]],
         g_functions: Iterable[Callable[..., Tensor]],
-        *,
-        mode: str = "reversible",
-        exact: bool = False,
-        frac_bits: int = FRAC_BITS_DEFAULT,
-        memory_budget: float = 0.0,
+        **memory: Unpack[MemoryKeywords],
     ):
-        super().__init__(f_functions, g_functions, (1.0, 1.0), mode=mode, exact=exact, frac_bits=frac_bits,
-                         memory_budget=memory_budget)
+        super().__init__(f_functions, g_functions, (1.0, 1.0), **memory)
 
 
 class HamiltonianNet(_CouplingNet):
@@ -78,14 +76,10 @@ class HamiltonianNet(_CouplingNet):
         g_functions: Iterable[Callable[..., Tensor]],
         *,
         h: float = 1.0,
-        mode: str = "reversible",
-        exact: bool = False,
-        frac_bits: int = FRAC_BITS_DEFAULT,
-        memory_budget: float = 0.0,
+        **memory: Unpack[MemoryKeywords],
     ):
         h = check_step_size(h)
-        super().__init__(f_functions, g_functions, (h, -h), mode=mode, exact=exact, frac_bits=frac_bits,
-                         memory_budget=memory_budget)
+        super().__init__(f_functions, g_functions, (h, -h), **memory)
         self.h = h
 
     def extra_repr(self) -> str:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..autograd.exact import FRAC_BITS_DEFAULT, exact_ratio
+from ..autograd.exact import exact_ratio
 from ..steps.base import State, Step
 from ..steps.momentum import momentum_step
-from .base import ReversibleNet, as_module_list
+from .base import MemoryKeywords, ReversibleNet, as_module_list
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class MomentumNet(ReversibleNet):
@@ -32,12 +36,11 @@ class MomentumNet(ReversibleNet):
             exactly by ``exact=True``; a float is converted to the nearest fraction with a
             denominator ≤ 2^16 and a warning reports the value used if it differs.
         init_velocity: optional module φ with ``v₀ = φ(x₀)`` (same shape as ``x₀``).
-        mode: ``"reversible"``, ``"autograd"`` or ``"checkpoint"`` (see :class:`ReversibleNet`).
-        exact: fixed-point state and information buffer: bit-exact inversion at any depth and γ.
         learn_gamma: make γ a learnable parameter, ``γ = sigmoid(θ)``, kept inside (0, 1).
-        frac_bits: fractional bits of the fixed-point state (``exact=True``).
-        memory_budget: fraction in [0, 1] of autograd's activation memory reversible mode may keep
-            (the last layers' graphs; see :class:`ReversibleNet`).
+        memory: the memory strategy (:class:`~revnets.nn.base.MemoryKeywords`, see :class:`ReversibleNet`):
+            ``mode`` (``"reversible"``, ``"autograd"`` or ``"checkpoint"``), ``exact`` (fixed-point state
+            and information buffer: bit-exact inversion at any depth and γ), ``frac_bits``,
+            ``memory_budget``, or a ready ``strategy``.
     """
 
     def __init__(
@@ -46,13 +49,11 @@ class MomentumNet(ReversibleNet):
         gamma: float | Fraction = 0.9,
         *,
         init_velocity: nn.Module | None = None,
-        mode: str = "reversible",
-        exact: bool = False,
         learn_gamma: bool = False,
-        frac_bits: int = FRAC_BITS_DEFAULT,
-        memory_budget: float = 0.0,
+        **memory: Unpack[MemoryKeywords],
     ):
-        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
+        super().__init__(**memory)
+        exact = self.exact
         self.functions = as_module_list(functions, "functions")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float, Fraction)):
             raise TypeError(f"gamma must be a number in [0, 1]; got {type(gamma).__name__}")
@@ -72,7 +73,7 @@ class MomentumNet(ReversibleNet):
         if init_velocity is not None and not isinstance(init_velocity, nn.Module):
             raise TypeError(f"init_velocity must be an nn.Module or None; got {type(init_velocity).__name__}")
         self.init_velocity = init_velocity
-        self.validate_mode(mode)
+        self.validate_mode(self.mode)
 
     @property
     def gamma(self) -> float | Tensor:

@@ -10,21 +10,25 @@ So the first step is the scheme's own two-step update started from the given pai
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ..autograd.exact import FRAC_BITS_DEFAULT
 from ..steps.base import Step
 from ..steps.twostep import leapfrog_step, midpoint_step
-from .base import TwoStreamNet, as_module_list
+from .base import MemoryKeywords, TwoStreamNet, as_module_list
 from .coupling import check_step_size
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class _TwoStepNet(TwoStreamNet):
     _scheme: Callable[[float], Step]
 
-    def __init__(self, functions, *, h, mode, exact, frac_bits, memory_budget):
-        super().__init__(mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
+    def __init__(self, functions: Iterable[Callable[..., Tensor]], *, h: float = 1.0,
+                 **memory: Unpack[MemoryKeywords]):
+        super().__init__(**memory)
         self.functions = as_module_list(functions, "functions")
         self.h = check_step_size(h)
 
@@ -47,17 +51,6 @@ class MidpointNet(_TwoStepNet):
 
     _scheme = staticmethod(midpoint_step)
 
-    def __init__(
-        self,
-        functions: Iterable[Callable[..., Tensor]],
-        *,
-        h: float = 1.0,
-        mode: str = "reversible",
-        exact: bool = False,
-        frac_bits: int = FRAC_BITS_DEFAULT,
-        memory_budget: float = 0.0,
-    ):
-        super().__init__(functions, h=h, mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)
 
 
 class LeapfrogNet(_TwoStepNet):
@@ -68,14 +61,3 @@ class LeapfrogNet(_TwoStepNet):
 
     _scheme = staticmethod(leapfrog_step)
 
-    def __init__(
-        self,
-        functions: Iterable[Callable[..., Tensor]],
-        *,
-        h: float = 1.0,
-        mode: str = "reversible",
-        exact: bool = False,
-        frac_bits: int = FRAC_BITS_DEFAULT,
-        memory_budget: float = 0.0,
-    ):
-        super().__init__(functions, h=h, mode=mode, exact=exact, frac_bits=frac_bits, memory_budget=memory_budget)

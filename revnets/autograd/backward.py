@@ -1,0 +1,195 @@
+"""The memory-free backward of a chunk of layers: invert layer by layer, one evaluation of each function.
+
+For each update ``s_t' = a·s_t + c·u(s_{i≠t})``, undone last first, the backward evaluates ``u`` once with
+autograd on the views of the other components, rebuilds ``s_t = (s_t' − c·u)/a`` from that value and takes
+the vector-Jacobian product of the same evaluation: the gradient of ``s_t`` is ``a·g``, the other
+components, the layer's parameters and the extra arguments get ``VJP_u(c·g)`` (Gomez et al. 2017 for
+couplings; Sander et al. 2021, Sec. 3, for the momentum update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..steps.base import Step, Update, times_constant
+from .passes import CHECK_EVERY, CHECK_EVERY_LAYER_NUMEL, LayerPass
+
+if TYPE_CHECKING:
+    from .reversible import Chunk
+
+
+def is_learnable(scale) -> bool:
+    """Whether a scale or gain is a tensor that requires grad (a learnable coefficient such as γ)."""
+    return isinstance(scale, Tensor) and scale.requires_grad
+
+
+def add_scaled(total: Tensor | None, value: Tensor | None, factor) -> Tensor | None:
+    """``total + factor·value`` for a constant ``factor`` (``None`` stands for zero), one kernel when both
+    exist and ``factor`` is a number; ``value`` itself is never modified (it may be a gradient autograd holds)."""
+    if value is None:
+        return total
+    if total is None:
+        return times_constant(factor, value)
+    if isinstance(factor, Tensor):
+        return total + times_constant(factor, value)
+    return total + value if factor == 1 else torch.add(total, value, alpha=factor)
+
+
+@dataclass(frozen=True)
+class BackwardUpdate:
+    """What the backward needs to know of update ``index`` of a step, worked out once per step."""
+
+    update: Update
+    index: int
+    others: tuple[int, ...]
+    """The components ``u`` reads (all but the target)."""
+    copies: bool
+    """``u`` adds another component with constant scale and gain: nothing to re-evaluate, its VJP is ``c·g``."""
+    learnable_scale: bool
+    learnable_gain: bool
+
+    @classmethod
+    def plan(cls, step: Step, n_state: int) -> tuple[BackwardUpdate, ...]:
+        """The updates of ``step`` in the order the backward undoes them (last first)."""
+        plans = []
+        for j, u in enumerate(step.updates):
+            learnable_scale, learnable_gain = is_learnable(u.scale), is_learnable(u.gain)
+            plans.append(cls(u, j, tuple(i for i in range(n_state) if i != u.target),
+                             u.source is not None and not learnable_scale and not learnable_gain,
+                             learnable_scale, learnable_gain))
+        return tuple(reversed(plans))
+
+
+class ChunkBackward:
+    """The backward of one chunk (:class:`~revnets.autograd.reversible.Chunk`).
+
+    ``tensors``, ``buffers`` and ``grads`` (the chunk's output state, its information buffers and its
+    gradients; ``None`` for a gradient that is zero) are lists rewritten in place, so that no caller
+    keeps a state alive: after :meth:`run` they hold the reconstructed input state, its buffers and
+    its gradients, and :attr:`param_grads` and :attr:`arg_grads` the accumulated gradients of the
+    chunk's parameters and of ``arg_leaves`` (``None`` where unused). ``kept_input``: the stack's input
+    state, if kept; in layer 0 a component is then taken from it as soon as no update left to undo
+    targets it, so that the first layer's functions see the exact input.
+    """
+
+    def __init__(self, chunk: Chunk, layer_pass: LayerPass, tensors: list, buffers: list, grads: list,
+                 arg_leaves: Sequence[Tensor], kept_input: tuple[Tensor, ...] | None):
+        self.chunk, self.layer_pass = chunk, layer_pass
+        self.tensors, self.buffers, self.grads = tensors, buffers, grads
+        self.arg_leaves, self.kept_input = arg_leaves, kept_input
+        self.trainable_args = [i for i, a in enumerate(arg_leaves) if a.requires_grad]
+        self.param_grads: list[Tensor | None] = [None] * len(chunk.params)
+        self.arg_grads: list[Tensor | None] = [None] * len(arg_leaves)
+
+    def run(self) -> None:
+        """Invert the chunk's layers last first, checking the reconstruction for NaN/inf as it goes
+        (see :data:`~revnets.autograd.passes.CHECK_EVERY`)."""
+        chunk, tensors, buffers = self.chunk, self.tensors, self.buffers
+        plans = None
+        every_layer = tensors[0].numel() > CHECK_EVERY_LAYER_NUMEL
+        checked = None if every_layer else (len(chunk.stack.layers), tuple(tensors), tuple(buffers))  # last finite
+        for local in reversed(range(len(chunk.stack.layers))):
+            k = chunk.first + local  # the layer's number in the whole stack (seeds, messages)
+            if plans is None or chunk.stack.coefficients:  # learnable coefficients enter each layer's graph afresh
+                with torch.enable_grad():
+                    self.layer_pass = replace(self.layer_pass, step=chunk.stack.step())
+                plans = BackwardUpdate.plan(self.layer_pass.step, len(tensors))
+            step = self.layer_pass.step
+            if step.order is not None:
+                for values in (tensors, buffers, self.grads):
+                    values[:] = step.unpermute(tuple(values))
+            layer_numel = sum(chunk.params[i].numel() for i in chunk.layer_params[local])
+            increments = [value for plan in plans if (value := self._undo(plan, k, local, layer_numel)) is not None]
+            arithmetic, where = self.layer_pass.arithmetic, f"layer {k}"
+            if every_layer:
+                arithmetic.check_finite(tuple(tensors), increments, where, "when re-evaluated in the backward")
+            elif k % CHECK_EVERY == 0 or local == 0:
+                if not arithmetic.all_finite(tuple(tensors)):  # re-invert from the last finite state to name the layer
+                    end, finite_tensors, finite_buffers = checked
+                    self.layer_pass.inverse(chunk.stack.layers[local:end], k, finite_tensors, finite_buffers,
+                                            during="when re-evaluated in the backward")
+                checked = (local, tuple(tensors), tuple(buffers))
+
+    def _undo(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int) -> Tensor | None:
+        """Undo one update of layer ``k`` (``local`` in the chunk) and pass its gradient on; returns the
+        functions' value it evaluated (``None`` for a copy)."""
+        update, j, t = plan.update, plan.index, plan.update.target
+        tensors, buffers, grads = self.tensors, self.buffers, self.grads
+        if k == 0 and self.kept_input is not None:
+            pending = {u.target for u in self.layer_pass.step.updates[: j + 1]}
+            tensors[:] = [c if i in pending else self.kept_input[i] for i, c in enumerate(tensors)]
+        g, value = grads[t], None
+        if plan.copies:  # u = s[source] (x <- x + v)
+            increment = self.layer_pass.arithmetic.copy_increment(update, tuple(tensors))
+            old, buffer = self.layer_pass.arithmetic.undo(j, update, tensors[t], buffers[t], increment, f"layer {k}")
+            grads[update.source] = add_scaled(grads[update.source], g, update.gain)
+        else:
+            old, buffer, value = self._reevaluate(plan, k, local, layer_numel)
+        grads[t] = None if g is None else update.scale_gradient(g)
+        tensors[t], buffers[t] = old, buffer
+        return value
+
+    def _reevaluate(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int) -> tuple[Tensor, object, Tensor]:
+        """Evaluate ``u`` once (with autograd if its target has a gradient), rebuild the old target from
+        that value and accumulate the VJP of the same evaluation; returns ``(old, buffer, value)``."""
+        update, j, t = plan.update, plan.index, plan.update.target
+        arithmetic, where, g = self.layer_pass.arithmetic, f"layer {k}", self.grads[t]
+        with torch.enable_grad() if g is not None else torch.no_grad():  # a zero gradient needs no VJP
+            leaves = [c if i == t else arithmetic.view(c).detach().requires_grad_(g is not None)
+                      for i, c in enumerate(self.tensors)]
+            increment = self.layer_pass.evaluate(k, j, update, leaves, self.chunk.stack.layers[local])
+            gained = update.gain * increment if plan.learnable_gain and g is not None else None
+        value = increment.detach()
+        old = buffer = None
+        if plan.learnable_scale or g is None:  # its VJP reads the old value
+            old, buffer = arithmetic.undo(j, update, self.tensors[t], self.buffers[t], value, where)
+        if g is not None:
+            outputs, output_grads, factor = self._vjp_outputs(plan, increment, gained, old, g, layer_numel)
+            chunk = self.chunk
+            parameter_indices = chunk.layer_params[local]
+            inputs = [*(leaves[i] for i in plan.others), *(chunk.params[i] for i in parameter_indices),
+                      *(self.arg_leaves[i] for i in self.trainable_args)]
+            results = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
+            del outputs, output_grads, gained, increment, leaves, inputs  # the graph is freed before the undo
+            self._accumulate(plan.others, parameter_indices, results, factor)
+            if not plan.learnable_scale:
+                old, buffer = arithmetic.undo(j, update, self.tensors[t], self.buffers[t], value, where)
+        return old, buffer, value
+
+    def _vjp_outputs(self, plan: BackwardUpdate, increment: Tensor, gained: Tensor | None, old: Tensor | None,
+                     g: Tensor, layer_numel: int) -> tuple[list[Tensor], list[Tensor], object]:
+        """The outputs and output gradients of the update's VJP, and the factor its results take."""
+        update = plan.update
+        if gained is not None:  # a learnable gain: differentiate c·u itself
+            outputs, output_grads, factor = [gained], [g], 1
+        elif (not plan.learnable_scale and not isinstance(update.gain, Tensor) and g.dtype == increment.dtype
+              and g.numel() > layer_numel):
+            # c·VJP(g) rather than VJP(c·g) when g outweighs the parameters: no c·g tensor held through the VJP
+            # (the peak of the backward), the state's gradients take c in their accumulation (one kernel) and
+            # only the smaller parameter gradients are multiplied
+            outputs, output_grads, factor = [increment], [g], update.gain
+        else:
+            increment_grad = update.gain_gradient(g)
+            if increment_grad.dtype != increment.dtype:
+                increment_grad = increment_grad.to(increment.dtype)
+            outputs, output_grads, factor = [increment], [increment_grad], 1
+        if plan.learnable_scale:
+            outputs.append(update.scale)
+            output_grads.append((g * self.layer_pass.arithmetic.view(old)).sum().to(update.scale.dtype))
+        return outputs, output_grads, factor
+
+    def _accumulate(self, others: tuple[int, ...], parameter_indices: tuple[int, ...], results: Sequence,
+                    factor) -> None:
+        """Add ``factor ·`` the VJP's ``results`` (other components, parameters, arguments, in that order)."""
+        for i, result in zip(others, results):
+            self.grads[i] = add_scaled(self.grads[i], result, factor)
+        n_others = len(others)
+        for i, result in zip(parameter_indices, results[n_others:]):
+            self.param_grads[i] = add_scaled(self.param_grads[i], result, factor)
+        for i, result in zip(self.trainable_args, results[n_others + len(parameter_indices):]):
+            self.arg_grads[i] = add_scaled(self.arg_grads[i], result, factor)
