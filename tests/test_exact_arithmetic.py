@@ -10,13 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revnets.autograd import exact
+from revnets.autograd import exact, kernels
+from revnets.autograd.buffer import packbits, unpackbits
 from revnets.autograd.exact import (
     MAX_DENOMINATOR,
     SAFE_LIMIT,
     InformationBuffer,
-    _packbits,
-    _unpackbits,
     add_exact,
     check_range,
     dequantize,
@@ -292,7 +291,7 @@ def test_spill_entries_with_and_without_mask(every: int) -> None:
     if every == 1:
         assert all(mask is None for mask in masks)  # every element spilled
     else:
-        expected = _packbits(values > 0)
+        expected = packbits(values > 0)
         assert all(mask is not None and torch.equal(mask, expected) for mask in masks)
     for state in reversed(states):
         buffer, popped = buffer.pop(2**16)
@@ -314,9 +313,9 @@ def test_bits_are_exact_bit_lengths() -> None:
 @given(seed=seeds, shape=shapes)
 def test_packbits_round_trip(seed: int, shape: tuple[int, ...]) -> None:
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5
-    packed = _packbits(mask)
+    packed = packbits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8)
-    assert torch.equal(_unpackbits(packed, mask.shape), mask)
+    assert torch.equal(unpackbits(packed, mask.shape), mask)
 
 
 def test_buffer_rejects_invalid_use() -> None:
@@ -424,13 +423,13 @@ def test_check_range() -> None:
 
 # --- the fused kernels of scale_add_exact / unscale_sub_exact --------------------------------------
 
-needs_kernels = pytest.mark.skipif(exact._kernels() is None, reason="no C compiler: only the separate operations run")
+needs_kernels = pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C compiler: only the separate operations run")
 
 
 def separately(function, *args, **kwargs):
     """``function(*args, **kwargs)`` with the fused kernels unavailable: the separate torch operations."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(exact, "_kernels", lambda: None)
+        patch.setattr(kernels, "cpu_kernels", lambda: None)
         return outcome(function, *args, **kwargs)
 
 
@@ -528,7 +527,7 @@ frac_bits_anywhere = st.sampled_from([0, 16, 32, 60, 100, 140, 160, 1100])  # 2^
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_dequantize_kernel_gives_the_bits_of_the_separate_operations(seed, shape, bound, frac_bits, dtype) -> None:
     q = wide_integers(seed, shape, bound) if shape != () else torch.tensor(bound)
-    assert exact._integer_kernel("view", dtype, q) is not None
+    assert kernels.integer_kernel("view", dtype, q) is not None
     fused = dequantize(q, frac_bits, dtype)
     plain = separately(dequantize, q, frac_bits, dtype)
     assert fused.dtype == plain.dtype == dtype and fused.shape == q.shape

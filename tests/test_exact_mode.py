@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import revnets
-from revnets.autograd import exact
+from revnets.autograd import exact, kernels
 
 ARCHS = ("MomentumNet", "RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet")
 GAMMAS = (0.9, 0.5, 0.1, Fraction(1, 3), 0.999)
@@ -368,7 +368,7 @@ def test_exact_state_is_not_shared_between_copies():
     assert net.forward_exact(net.exact_state(x)).equal(other.forward_exact(other.exact_state(x)))
 
 
-@pytest.mark.skipif(exact._kernels() is None, reason="no C compiler: only the separate operations run")
+@pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C compiler: only the separate operations run")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_and_separate_arithmetic_give_the_same_bits(dtype, monkeypatch):
     """MomentumNet's contraction runs in the fused kernels; without them, the same states and gradients."""
@@ -382,14 +382,14 @@ def test_fused_and_separate_arithmetic_give_the_same_bits(dtype, monkeypatch):
 
     out, grads, state = run()
     with monkeypatch.context() as patch:
-        patch.setattr(exact, "_kernels", lambda: None)
+        patch.setattr(kernels, "cpu_kernels", lambda: None)
         plain_out, plain_grads, plain_state = run()
     assert torch.equal(out, plain_out) and state.equal(plain_state)
     assert all(torch.equal(a.head, b.head) for a, b in zip(state.buffers, plain_state.buffers, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
 
 
-@pytest.mark.skipif(exact._kernels() is None, reason="no C compiler: only the separate operations run")
+@pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C compiler: only the separate operations run")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_view_made_with_a_copy_update_is_handed_out_once(dtype):
     """``x ← x + v`` makes the view of the new x in the same pass; the next view of that x is it, once

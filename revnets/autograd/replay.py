@@ -117,7 +117,7 @@ def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
     return tuple(found.values())
 
 
-class preserved_running_stats:  # noqa: N801 - used like a function-style context manager
+class preserved_running_stats:
     """Recompute normalisation layers without changing their running statistics.
 
     On entry, each running statistic (``running_mean``, ``running_var``, ``num_batches_tracked``) of
