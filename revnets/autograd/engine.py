@@ -43,8 +43,9 @@ def run(stack: Stack, state: State, args: tuple = (), kwargs: dict | None = None
     Args:
         stack: the step declaration and the layers' functions.
         state: the input state, a tuple of tensors.
-        args, kwargs: extra arguments passed to every function (tensors among them, also nested in
+        args: extra positional arguments passed to every function (tensors among them, also nested in
             lists, tuples and dicts, receive gradients).
+        kwargs: extra keyword arguments passed to every function, likewise.
         strategy: the memory strategy (:func:`~revnets.autograd.strategy.memory_strategy` builds it from
             the public keywords).
         keep_input: floating-point reversible strategy: also keep the input state, and evaluate the

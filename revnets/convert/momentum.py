@@ -26,7 +26,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..autograd import check_mode, checkpoint_call
+from ..autograd import MemoryStrategy, check_mode, checkpoint_call, memory_strategy
 from ..nn.base import ReversibleNet
 from ..nn.momentum import MomentumNet
 from . import huggingface
@@ -35,13 +35,14 @@ from .residual import ResidualFunction
 
 @dataclass(frozen=True)
 class _Settings:
+    """What every converted stack of one conversion shares: its momentum and its memory strategy."""
+
     gamma: float | Fraction
-    mode: str
-    exact: bool
+    strategy: MemoryStrategy
 
     def momentum_net(self, blocks: Sequence[nn.Module]) -> MomentumNet:
         functions = [ResidualFunction(block) for block in blocks]
-        return MomentumNet(functions, self.gamma, mode=self.mode, exact=self.exact)
+        return MomentumNet(functions, self.gamma, strategy=self.strategy)
 
 
 class MomentumTransformerEncoder(nn.Module):
@@ -108,7 +109,7 @@ def _convert_resnet_stage(stage: nn.Sequential, name: str, settings: _Settings) 
             )
     if not rest:
         return stage
-    return ConvertedStage(first, settings.momentum_net(rest), mode=settings.mode)
+    return ConvertedStage(first, settings.momentum_net(rest), mode=settings.strategy.mode)
 
 
 class ConvertedStage(nn.Sequential):
@@ -191,7 +192,8 @@ def convert_to_momentum(
         model: the model to convert (left unchanged).
         gamma: momentum γ ∈ [0, 1] of every stack; γ = 0 reproduces ``model`` (it then needs
             ``mode="autograd"`` or ``"checkpoint"``: a γ = 0 stack cannot be inverted).
-        mode, exact: memory strategy of the stacks (see :class:`revnets.MomentumNet`).
+        mode: memory strategy of the stacks (see :class:`revnets.MomentumNet`).
+        exact: hold the stacks' state in fixed point (see :class:`revnets.MomentumNet`).
         sub_layers: dotted names of the submodules to convert (``["layer1", "layer2"]``,
             ``["encoder"]``, ``["transformer.h"]``); by default every stack :func:`find_residual_stacks` finds.
 
@@ -201,8 +203,7 @@ def convert_to_momentum(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    check_mode(mode)
-    settings = _Settings(gamma, mode, exact)
+    settings = _Settings(gamma, memory_strategy(mode, exact=exact))
     converted = copy.deepcopy(model)
     if sub_layers is None:
         names = find_residual_stacks(converted)

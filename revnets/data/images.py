@@ -46,7 +46,8 @@ class ImageDataset(Dataset[tuple[Tensor, int]], ABC):
         labels: ``(N,)`` integer class indices into ``classes`` (−1: unlabelled).
         classes: class names, index ``k`` naming label ``k``.
         transform: applied to the ``[0, 1]`` image, before normalisation.
-        mean, std: per-channel statistics, both or neither; when given, images are normalised.
+        mean: per-channel means, given with ``std`` or not at all; when given, images are normalised.
+        std: per-channel standard deviations, given with ``mean`` or not at all.
 
     Attributes:
         labels: ``(N,)`` int64 tensor.

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..autograd import check_mode
+from ..autograd import MemoryStrategy, memory_strategy
 from ..nn.base import ReversibleNet
 from ..nn.coupling import HamiltonianNet, check_step_size
 from ..nn.twostep import LeapfrogNet, MidpointNet
@@ -183,7 +183,7 @@ def transition(x: Tensor, channels: int) -> Tensor:
 # The network.
 
 
-def _make_unit(scheme: str, channels: int, blocks: int, h: float, mode: str, exact: bool) -> ReversibleNet:
+def _make_unit(scheme: str, channels: int, blocks: int, h: float, strategy: MemoryStrategy) -> ReversibleNet:
     """One reversible stack on ``channels`` channels (two streams of ``channels // 2``), ``blocks`` blocks.
 
     The unit keeps its input (``keep_input``): the paper stores activations at unit boundaries, and
@@ -193,12 +193,12 @@ def _make_unit(scheme: str, channels: int, blocks: int, h: float, mode: str, exa
     if scheme == "hamiltonian":
         unit = HamiltonianNet(
             [SymmetricBranch(half) for _ in range(blocks)], [SymmetricBranch(half) for _ in range(blocks)],
-            h=h, mode=mode, exact=exact,
+            h=h, strategy=strategy,
         )
     elif scheme == "midpoint":
-        unit = MidpointNet([AntisymmetricBranch(half) for _ in range(2 * blocks)], h=h, mode=mode, exact=exact)
+        unit = MidpointNet([AntisymmetricBranch(half) for _ in range(2 * blocks)], h=h, strategy=strategy)
     else:
-        unit = LeapfrogNet([SymmetricBranch(half) for _ in range(2 * blocks)], h=h, mode=mode, exact=exact)
+        unit = LeapfrogNet([SymmetricBranch(half) for _ in range(2 * blocks)], h=h, strategy=strategy)
     unit.keep_input = True
     return unit
 
@@ -251,7 +251,7 @@ class ChangNet(ZooModel):
         if len(blocks) != 3 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
             raise ValueError(f"blocks_per_unit must be an integer ≥ 1 or three of them; got {blocks_per_unit!r}")
         h = DEFAULT_STEP_SIZES[scheme] if h is None else check_step_size(h)
-        check_mode(mode)
+        strategy = memory_strategy(mode, exact=exact)
         super().__init__(num_classes, channels[-1])
         self.scheme, self.h, self.channels, self.blocks_per_unit = scheme, h, channels, blocks
         self.num_layers = 4 * sum(blocks) + 2
@@ -261,7 +261,7 @@ class ChangNet(ZooModel):
             nn.ReLU(inplace=True),
         )
         self.units = nn.ModuleList(
-            _make_unit(scheme, c, b, h, mode, exact) for c, b in zip(channels[1:], blocks)
+            _make_unit(scheme, c, b, h, strategy) for c, b in zip(channels[1:], blocks)
         )
         self.norm = nn.BatchNorm2d(channels[-1])
         self.initialise_weights()

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..autograd import checkpoint_call
+from ..autograd import checkpoint_call, memory_strategy
 from ..convert.momentum import ConvertedStage, convert_to_momentum
 from ..convert.residual import ResidualFunction
 from ..nn.coupling import RevNet
@@ -103,7 +103,7 @@ def momentum_resnet(
     """
     if init_velocity not in ("zero", "learned"):
         raise ValueError(f"init_velocity must be 'zero' or 'learned'; got {init_velocity!r}")
-    block, counts = CONFIGS[depth]
+    block, _ = CONFIGS[depth]
     model = convert_to_momentum(resnet(depth, num_classes, in_channels=in_channels), gamma, mode=mode, exact=exact)
     if init_velocity == "learned":
         for stage, channels in zip(model.stages(), STAGE_CHANNELS):
@@ -129,16 +129,17 @@ def revnet(depth: int, num_classes: int = 10, *, mode: str = "reversible", exact
            in_channels: int = 3) -> CifarResNet:
     """The RevNet counterpart of :func:`resnet`: each stage's first block, then one additive coupling
     per remaining block (``F``, ``G``: the block's residual branch at half width)."""
-    block, counts = CONFIGS[depth]
+    block, _ = CONFIGS[depth]
+    strategy = memory_strategy(mode, exact=exact)
     model = resnet(depth, num_classes, in_channels=in_channels)
     for index, (stage, channels) in enumerate(zip(model.stages(), STAGE_CHANNELS), 1):
         first, *rest = list(stage)
         if rest:
             couplings = RevNet(
                 [_HalfWidthBranch(block, channels) for _ in rest], [_HalfWidthBranch(block, channels) for _ in rest],
-                mode=mode, exact=exact,
+                strategy=strategy,
             )
-            setattr(model, f"layer{index}", ConvertedStage(first, couplings, mode=mode))
+            setattr(model, f"layer{index}", ConvertedStage(first, couplings, mode=strategy.mode))
     model.initialise_weights()
     return model.set_mode(mode)
 
