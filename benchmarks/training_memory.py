@@ -2,8 +2,9 @@
 
 For a zoo model, a batch of random images and SGD with momentum, the peak bytes of the tensors one
 step creates (activations, gradients, temporaries; the weights and the momentum buffers exist before
-it), measured by :class:`revnets.memory.StorageTracker`. Device-independent: what a GPU's allocator
-holds on top of that is its workspace and fragmentation.
+it), measured by :class:`revnets.memory.StorageTracker` around the trainer's step
+(:func:`revnets.training.step.sgd_step_peak`). Device-independent: what a GPU's allocator holds on
+top of that is its workspace and fragmentation.
 
     python benchmarks/training_memory.py hamiltonian110 32 32     # model, batch, image side
 """
@@ -12,8 +13,9 @@ import argparse
 
 import torch
 
-from revnets.memory import mib, sgd_step_peak
+from revnets.memory import mib
 from revnets.models import create_model
+from revnets.training.step import sgd_step_peak
 
 
 def step_peak(name: str, mode: str, batch: int, side: int) -> tuple[int, int]:

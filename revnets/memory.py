@@ -213,23 +213,3 @@ def allocator_held(fn: Callable[[], Any]) -> tuple[Any, int, int]:
     base = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
     totals = [e["args"]["Total Allocated"] - base for e in memory]
     return result, int(totals[-1]), int(max(0, *totals))
-
-
-def sgd_step_peak(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> int:
-    """Peak bytes (:class:`StorageTracker`) created by one training step of a classifier: cross-entropy
-    of ``model(inputs)`` against ``labels``, backward, SGD with momentum (lr 0.1, momentum 0.9).
-
-    The step measured is the second: the first creates the momentum buffers, which then exist before
-    the window like the weights. Gradients are set to ``None`` before each step, so their creation counts.
-    """
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
-        optimizer.step()
-
-    step()
-    with StorageTracker() as tracker:
-        step()
-    return tracker.peak_bytes

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import revnets
-from revnets.memory import StorageTracker, sgd_step_peak
+from revnets.memory import StorageTracker
 from revnets.models import create_model
+from revnets.training.step import sgd_step_peak
 
 
 def step_peak(name: str, mode: str, batch: int, side: int) -> int:

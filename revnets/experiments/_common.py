@@ -1,9 +1,11 @@
 """Helpers the experiments share: threads, learning-rate schedules, trajectories of tied networks,
-one classification training loop, and one training-memory probe. Public revnets API only."""
+one classification training loop (the trainer's step on in-memory batches), and one training-memory
+probe. Public revnets API only."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,8 +19,9 @@ from tqdm import tqdm
 from ..memory import StorageTracker, mib as memory_mib
 from ..models.layers import BasicBlock
 from ..nn import MomentumNet
-from ..training.data import crop_flip
+from ..training.data import InMemoryBatches, on_device
 from ..training.devices import resolve_device as resolve_device  # noqa: F401  (the trainer's device rule and errors)
+from ..training.step import training_step
 
 
 @contextlib.contextmanager
@@ -136,39 +139,32 @@ def train_classifier(
     penalty: Callable[[], Tensor] | None = None,
     desc: str = "train",
 ) -> list[float]:
-    """Train ``model`` with cross-entropy on ``train = (x, y)`` for ``settings.steps`` minibatch steps
-    (reshuffled every pass); returns the loss of every step. ``penalty()`` is added to the loss.
+    """Train ``model`` with cross-entropy on ``train = (x (N, ...), y (N,))`` for ``settings.steps``
+    minibatch steps; returns the loss of every step. ``penalty()`` is added to the loss.
 
-    SGD (momentum, weight decay) with ``lr·½(1 + cos(π t/T))`` (or constant); batches drawn from a
-    generator seeded with ``seed``; optional crop + flip augmentation.
+    SGD (momentum, weight decay) with ``lr·½(1 + cos(π t/T))`` (or constant), one
+    :func:`~revnets.training.step.training_step` per batch; the batches (:class:`InMemoryBatches`,
+    reshuffled every pass) and the optional crop + flip augmentation drawn from one generator seeded
+    with ``seed``.
     """
-    x_all, y_all = train
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    batch_size = min(settings.batch_size, len(x_all))
-    order, position, losses = torch.randperm(len(x_all), generator=generator), 0, []
+    schedule = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, settings.steps))
+                if settings.schedule == "cosine" else None)
+    batches = on_device(InMemoryBatches(*train, settings.batch_size, generator), device,
+                        augment=generator if settings.augment else None)
+
+    def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        loss = nn.functional.cross_entropy(model(x), y)
+        return loss if penalty is None else loss + penalty()
+
+    losses = []
     model.train()
     with bar(settings.steps, desc) as progress:
-        for step in range(settings.steps):
-            if position + batch_size > len(x_all):
-                order, position = torch.randperm(len(x_all), generator=generator), 0
-            index = order[position:position + batch_size]
-            position += batch_size
-            x, y = x_all[index], y_all[index]
-            if settings.augment:
-                x = crop_flip(x, generator)
-            factor = cosine(step, settings.steps) if settings.schedule == "cosine" else 1.0
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * factor
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-            if penalty is not None:
-                loss = loss + penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        for x, y in itertools.islice(batches, settings.steps):
+            losses.append(training_step(optimizer, loss_fn, x, y, schedule=schedule).item())
             progress.update()
     return losses
 

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..data.synthetic import cubic_map
 from ..nn import MomentumNet
+from ..training.step import training_step
 from ._common import bar, threads, tied_trajectory
 from .base import Experiment, pyplot, register_experiment, save_figure, summary_entry
 
@@ -65,15 +66,14 @@ def train_network(network: str, config: CubicConfig, seed: int) -> tuple[nn.Modu
     steps = config.momentum_steps if network == "momentum" else config.resnet_steps
     net = MomentumNet([function] * config.depth, gamma, mode="autograd")
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr)
+
+    def mse(x: Tensor, y: Tensor) -> Tensor:
+        return (net(x) - y).square().mean()
+
     with bar(steps, f"{NETWORKS[network]} seed {seed}") as progress:
         for _ in range(steps):
             x, y = cubic_map(config.batch_size, generator=generator)
-            loss = (net(x) - y).square().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            if config.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad_norm)
-            optimizer.step()
+            training_step(optimizer, mse, x, y, grad_clip=config.clip_grad_norm)
             progress.update()
     return function, gamma
 

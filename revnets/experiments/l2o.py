@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import MomentumNet, RevNet
+from ..training.step import training_step
 from ._common import bar, threads, tied_trajectory
 from .base import Experiment, pyplot, register_experiment, save_figure, summary_entry
 
@@ -152,15 +153,14 @@ def train(network: str, config: L2OConfig, seed: int) -> LearnedOptimizer:
     generator = torch.Generator().manual_seed(100 + seed)
     model = LearnedOptimizer(network, config.depth, config.gamma_init)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    for _ in range(config.steps):
-        hessian, solution, z0 = random_problems(config.batch_size, config, generator)
+
+    def loss_fn(hessian: Tensor, solution: Tensor, z0: Tensor) -> Tensor:
+        """Mean over the problems of ``‖z − z*‖² / ‖z₀ − z*‖²``."""
         z = model(z0, hessian, solution)
-        ratio = (z - solution).square().sum(1) / (z0 - solution).square().sum(1)
-        loss = ratio.mean()
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
+        return ((z - solution).square().sum(1) / (z0 - solution).square().sum(1)).mean()
+
+    for _ in range(config.steps):
+        training_step(optimizer, loss_fn, *random_problems(config.batch_size, config, generator), grad_clip=10.0)
     return model
 
 

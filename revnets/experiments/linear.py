@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import MomentumNet
+from ..training.step import training_step
 from ._common import bar, threads
 from .base import Experiment, pyplot, register_experiment, save_figure, summary_entry
 
@@ -132,10 +133,7 @@ def fit_matrices(targets: Tensor, epsilon: float, config: LinearConfig, seeds: l
     k = len(targets)
     for _ in range(config.steps):
         x = torch.randn(k, config.batch_size, 2, generator=generator)
-        error, _ = scale_free_error(net(x), x @ targets.transpose(1, 2))
-        optimizer.zero_grad()
-        error.sum().backward()
-        optimizer.step()
+        training_step(optimizer, lambda x: scale_free_error(net(x), x @ targets.transpose(1, 2))[0].sum(), x)
     with torch.no_grad():
         x = torch.randn(k, config.test_points, 2, generator=generator)
         return scale_free_error(net(x), x @ targets.transpose(1, 2))
@@ -168,10 +166,7 @@ def fit_minus_identity_1d(epsilon: float, config: LinearConfig, seeds: list[int]
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr * 10)
     x = torch.linspace(-1, 1, 64).view(1, -1, 1).expand(len(seeds), -1, -1)
     for _ in range(config.steps):
-        loss = (net(x) + x).square().mean((1, 2)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        training_step(optimizer, lambda: (net(x) + x).square().mean((1, 2)).sum())
     with torch.no_grad():
         return net(torch.ones(len(seeds), 1, 1)).flatten().tolist()
 

@@ -19,7 +19,9 @@ against sequence length.
 (:class:`revnets.memory.StorageTracker`, device independent: it counts every storage an ATen op
 creates, whoever holds it, until it is freed); on CUDA also ``torch.cuda.max_memory_allocated``
 above what was allocated before. Parameters exist before the window and are not counted; gradients
-and optimiser states created inside it are. The authors measured process memory (``memory_profiler``),
+and optimiser states created inside it are. Each Adam step is the trainer's
+(:func:`revnets.training.step.training_step`): the previous step's gradients are freed before the
+forward, and the graph before the update. The authors measured process memory (``memory_profiler``),
 which adds the interpreter and libraries (their ~190 MiB floor): compare slopes, not offsets.
 """
 
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from ..convert import convert_to_momentum
 from ..nn import MomentumNet
+from ..training.step import training_step
 from ._common import bar, mib, peak_memory, resolve_device, threads, training_step_memory
 from .base import Experiment, pyplot, register_experiment, save_figure, summary_entry
 
@@ -125,13 +128,12 @@ def epoch_memory(model: SequenceModel, batch: int, length: int, config: MemoryCo
     data = torch.randint(config.vocab, (config.epoch_batches, batch, length), generator=generator).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
+    def loss_fn(tokens: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(model(tokens).flatten(0, 1), ((tokens + 1) % config.vocab).flatten())
+
     def epoch() -> None:
         for tokens in data:
-            logits = model(tokens)
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), ((tokens + 1) % config.vocab).flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            training_step(optimizer, loss_fn, tokens)
 
     memory = peak_memory(epoch, device)
     return memory.peak_bytes if memory.cuda_peak_bytes is None else memory.cuda_peak_bytes

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..data.synthetic import nested_rings
 from ..nn import MomentumNet
+from ..training.step import training_step
 from ._common import bar, step_decay, threads, tied_trajectory
 from .base import Experiment, pyplot, register_experiment, save_figure, summary_entry
 
@@ -80,17 +81,13 @@ def train_network(network: str, config: RingsConfig, seed: int, generator: torch
     milestones = () if network == "momentum" else RESNET_MILESTONES
     net = MomentumNet([function] * config.depth, gamma, mode="autograd")
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step_decay(step, steps, milestones))
     losses = []
     with bar(steps, desc or f"{NETWORKS[network]} seed {seed}") as progress:
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * step_decay(step, steps, milestones)
+        for _ in range(steps):
             x, y = nested_rings(config.points_per_step, n_rings=config.rings, generator=generator)
-            loss = nn.functional.cross_entropy(net(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(training_step(optimizer, lambda x, y: nn.functional.cross_entropy(net(x), y), x, y,
+                                        schedule=schedule).item())
             progress.update()
     return function, gamma, losses
 

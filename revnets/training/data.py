@@ -6,14 +6,17 @@ The data order of epoch ``e`` is ``torch.randperm`` seeded with ``seed + e`` (wh
 the epoch and the number of batches already taken. Process ``r`` of ``N`` takes every N-th image of
 it, so global batch ``k`` is the same set of images whatever ``N``.
 
-Augmentation runs on whole batches on the training device, drawn from a ``torch.Generator`` that the
-checkpoints save: it does not depend on the data loader's worker processes, and a resumed run draws
-the same crops and flips as an uninterrupted one.
+Augmentation runs on whole batches on the training device (:func:`on_device`), drawn from a
+``torch.Generator`` that the checkpoints save: it does not depend on the data loader's worker
+processes, and a resumed run draws the same crops and flips as an uninterrupted one.
+
+The experiments' small datasets are held as tensors: :class:`InMemoryBatches` draws their
+minibatches, and :func:`on_device` moves and augments them as it does the trainer's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +127,40 @@ def crop_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     index = torch.arange(batch, device=images.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def on_device(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, *,
+              augment: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each ``(inputs (B, ...), labels (B,))`` of ``batches`` moved to ``device`` (non-blocking), then,
+    with ``augment``, cropped and flipped (:func:`crop_flip`: images ``(B, C, H, W)``) with draws from
+    that generator."""
+    for images, labels in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        yield (images if augment is None else crop_flip(images, augment)), labels
+
+
+class InMemoryBatches(Iterator[tuple[Tensor, Tensor]]):
+    """Endless minibatches ``(x[index], y[index])`` of a dataset held as tensors ``x (N, ...)``,
+    ``y (N, ...)``: ``min(batch_size, N)`` items each, in a random order of the ``N`` drawn from
+    ``generator`` (``torch.randperm``, at creation), taken in turn; when fewer than a batch are left,
+    they are dropped and a new order is drawn from ``generator``.
+
+    The orders are all it draws from ``generator``; a caller may draw from it too between batches
+    (the experiments' augmentation does, through :func:`on_device`), and the orders then depend on
+    those draws.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator):
+        if len(x) != len(y) or not len(x) or batch_size < 1:
+            raise ValueError(f"need as many inputs as targets, at least one, and batch_size >= 1; got {len(x)} "
+                             f"inputs, {len(y)} targets, batch_size {batch_size}")
+        self.x, self.y, self.generator = x, y, generator
+        self.batch_size = min(batch_size, len(x))
+        self.order, self.position = torch.randperm(len(x), generator=generator), 0
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        if self.position + self.batch_size > len(self.x):
+            self.order, self.position = torch.randperm(len(self.x), generator=self.generator), 0
+        index = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.x[index], self.y[index]

@@ -40,9 +40,10 @@ from ..models import create_model
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RUNTIME_FIELDS, TrainConfig
-from .data import Datasets, augmentation, crop_flip, evaluation_loader, fetch_dataset, load_datasets, training_loader
+from .data import Datasets, augmentation, evaluation_loader, fetch_dataset, load_datasets, on_device, training_loader
 from .devices import autocast, grad_scaler, resolve_device
 from .metrics import EpochMetrics, MetricsLog, PeakMemory, summary_table, tensorboard_writer
+from .step import training_loss, training_step
 
 Progress = Callable[[int, int, int, float], None]
 
@@ -97,26 +98,6 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
         return 1.0
 
     return factor
-
-
-def forward_backward(model: nn.Module, images: Tensor, labels: Tensor, config: TrainConfig, *,
-                     scaler: torch.amp.GradScaler | None = None, penalised: nn.Module | None = None,
-                     device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """One step's loss and its gradients, as the trainer computes them; returns ``(loss, logits)``.
-
-    The loss is the cross-entropy (``label_smoothing``) plus ``smoothness`` times
-    ``penalised.smoothness_penalty()`` (``penalised``: the unwrapped model; ``model`` itself by
-    default), the forward under the autocast of ``config.precision``; ``scaler`` scales it before
-    backward (float16). Gradients are accumulated into ``.grad``.
-    """
-    device = images.device if device is None else device
-    with autocast(config.precision, device):
-        logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-    if config.smoothness:
-        loss = loss + config.smoothness * (penalised or model).smoothness_penalty()
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    return loss.detach(), logits.detach()
 
 
 def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | None = None,
@@ -310,11 +291,8 @@ class Trainer:
                 self.wrapped.train()
                 sampler.set_position(self.epoch, self.step_in_epoch * local_batch)
                 with peak.epoch():
-                    for images, labels in self.train_loader:
-                        images = images.to(self.device, non_blocking=True)
-                        labels = labels.to(self.device, non_blocking=True)
-                        if crop:
-                            images = crop_flip(images, self.augment)
+                    for images, labels in on_device(self.train_loader, self.device,
+                                                    augment=self.augment if crop else None):
                         with peak.step(first):
                             self.step(images, labels)
                         first = False
@@ -339,26 +317,30 @@ class Trainer:
         return history
 
     def step(self, images: Tensor, labels: Tensor) -> None:
-        """One optimizer step on a batch already on the device (and augmented); the gradients it used
+        """One :func:`~revnets.training.step.training_step` (scaler, ``grad_clip``, schedule) of
+        :func:`training_loss` on a batch already on the device (and augmented); the gradients it used
         stay in ``.grad`` until the next step (averaged over the processes under DDP)."""
-        config = self.config
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, logits = forward_backward(self.wrapped, images, labels, config, scaler=self.scaler,
-                                        penalised=self.model, device=self.device)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {float(loss)} at epoch {self.epoch}, "
-                                     f"step {self.step_in_epoch + 1}")
-        if config.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.wrapped.parameters(), config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.schedule.step()
+        outputs: list[Tensor] = []
+
+        def loss_fn(images: Tensor, labels: Tensor) -> Tensor:
+            loss, logits = training_loss(self.wrapped, images, labels, self.config, penalised=self.model,
+                                         device=self.device)
+            outputs.append(logits.detach())
+            return loss
+
+        loss = training_step(self.optimizer, loss_fn, images, labels, scaler=self.scaler,
+                             grad_clip=self.config.grad_clip, schedule=self.schedule, check=self._check_finite)
         self.step_in_epoch += 1
         self.global_step += 1
         self.totals[0] += loss.item() * len(labels)
-        self.totals[1] += int((logits.argmax(1) == labels).sum())
+        self.totals[1] += int((outputs[0].argmax(1) == labels).sum())
         self.totals[2] += len(labels)
+
+    def _check_finite(self, loss: Tensor) -> None:
+        """Stop the run, before the step's update, on a loss that is NaN or infinite."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {float(loss)} at epoch {self.epoch}, "
+                                     f"step {self.step_in_epoch + 1}")
 
     def _stop_requested(self, stop: list[str]) -> bool:
         """Whether any process received a stop signal (all processes stop at the same step)."""
@@ -453,5 +435,5 @@ def resumed_trainer(out: Path, *, progress: Progress | None = None, **runtime) -
     return trainer
 
 
-__all__ = ["Interrupted", "Trainer", "build_model", "build_optimizer", "evaluate", "forward_backward", "lr_factor",
-           "resume", "resumed_trainer", "saved_config", "summary_table", "train"]
+__all__ = ["Interrupted", "Trainer", "build_model", "build_optimizer", "evaluate", "lr_factor", "resume",
+           "resumed_trainer", "saved_config", "summary_table", "train"]
