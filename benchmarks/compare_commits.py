@@ -4,7 +4,8 @@ Each commit is checked out into a temporary git worktree and measured in its own
 (``PYTHONPATH`` pointing at it), commits alternating round by round so that load drifting over the run
 spreads over all of them. A process times ``trials`` interleaved pairs of the plain autograd loop and
 revnets' ``MomentumNet`` (``--mode``: reversible, exact or checkpoint) on the suite's MLP stack and
-prints the median of the paired ratios; the table gives, per commit, the median and range of those medians over the rounds.
+prints the median of the paired ratios; the table gives, per commit, the median and range of those medians
+over the rounds.
 
     python benchmarks/compare_commits.py efea7b0 HEAD --width 64 --batch 64 --rounds 2
 """
@@ -75,7 +76,8 @@ def main() -> None:
                     out = subprocess.run(
                         [sys.executable, "-c", MEASURE, str(tree / "benchmarks"), str(args.width), str(args.batch),
                          str(args.depth), str(args.trials), str(args.threads), args.mode],
-                        env=env, cwd=tree, check=True, capture_output=True, text=True)  # cwd: ``-c`` puts it first on sys.path
+                        # cwd: ``-c`` puts it first on sys.path
+                        env=env, cwd=tree, check=True, capture_output=True, text=True)
                     results[commit].append(float(out.stdout.split()[-1]))
         finally:
             for tree in trees.values():

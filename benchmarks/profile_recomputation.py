@@ -47,7 +47,8 @@ def main() -> None:
             for output in outputs:
                 output.backward(grad)
         addmm = next(e for e in prof.key_averages() if e.key == "aten::addmm")
-        print(f"  {name:38s} addmm calls {addmm.count:4d}, mean self time {addmm.self_cpu_time_total / addmm.count:7.1f} µs")
+        print(f"  {name:38s} addmm calls {addmm.count:4d}, "
+              f"mean self time {addmm.self_cpu_time_total / addmm.count:7.1f} µs")
 
 
 if __name__ == "__main__":

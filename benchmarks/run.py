@@ -22,13 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the suite package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # revnets, from a checkout
 
 import torch
 from suite import environment, peers, plan, report
 from suite.worker import LocalWorker, SubprocessWorker
+
+HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 log = args.out / f"{name}-peers.log"
                 peer_worker = SubprocessWorker(python, args.device, threads, options, log_path=log)
                 results["peers"]["versions"] = peer_worker.versions
-            except Exception as error:  # noqa: BLE001 - the peers are then reported as failed
+            except Exception as error:  # the peers are then reported as failed
                 peer_failure = f"peers' worker did not start: {error}"
         else:
             peer_failure = "peers' environment unavailable: " + "; ".join(f"{k}: {v}" for k, v in status.items())

@@ -11,13 +11,13 @@ from .autograd import Exact as Exact
 from .autograd import ExactState as ExactState
 from .autograd import MemoryStrategy as MemoryStrategy
 from .autograd import Reversible as Reversible
+from .convert import convert_to_momentum as convert_to_momentum
 from .nn import HamiltonianNet as HamiltonianNet
 from .nn import LeapfrogNet as LeapfrogNet
 from .nn import MidpointNet as MidpointNet
 from .nn import MomentumNet as MomentumNet
 from .nn import ReversibleNet as ReversibleNet
-from .nn import set_mode as set_mode
-from .convert import convert_to_momentum as convert_to_momentum
 from .nn import RevNet as RevNet
+from .nn import set_mode as set_mode
 
 __version__ = "0.1.0"

@@ -10,11 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import helpers  # noqa: E402
-from helpers import ARCHITECTURES  # noqa: E402
+import helpers
+import pytest
+import torch
+from helpers import ARCHITECTURES
 
 
 @pytest.fixture(params=ARCHITECTURES)

@@ -40,7 +40,7 @@ def projected_gradients(model: nn.Module, x: torch.Tensor, mode: str) -> list[to
     return list(torch.autograd.grad((logits * weights).sum(), [x, *model.parameters()]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(name: str) -> ZooModel:
     """A default-built model, cached: for the tests that only inspect the structure."""
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """``torch.compile`` in every mode: the eager, aot_eager and inductor backends give the outputs,
 gradients and BatchNorm running statistics of the eager network.
 
-What compiles into one graph and where the graph breaks (stated in the README):
+What compiles into one graph and where the graph breaks (stated in docs/networks.md, "What the modes guarantee"):
 
 * ``mode="autograd"``: one graph, ``fullgraph=True`` works;
 * ``mode="checkpoint"``: one graph (Dynamo traces every checkpoint as a region the compiled backward

@@ -104,7 +104,9 @@ def test_timm_resnet_at_gamma_zero():
 # -- Transformers ----------------------------------------------------------------------------------
 
 
-def encoder(batch_first: bool, dropout: float = 0.0, norm_first: bool = False, layers: int = 3) -> nn.TransformerEncoder:
+def encoder(
+    batch_first: bool, dropout: float = 0.0, norm_first: bool = False, layers: int = 3
+) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
     return nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(16), enable_nested_tensor=False)
 
@@ -125,7 +127,8 @@ def test_encoder_gamma_zero_reproduces_the_original_with_masks(batch_first, norm
     assert isinstance(converted, MomentumTransformerEncoder)
     x = torch.randn(2, 6, 16) if batch_first else torch.randn(6, 2, 16)
     causal, padding = masks(6, 2)
-    for kwargs in ({}, {"mask": causal}, {"src_key_padding_mask": padding}, {"mask": causal, "src_key_padding_mask": padding}):
+    for kwargs in ({}, {"mask": causal}, {"src_key_padding_mask": padding},
+                   {"mask": causal, "src_key_padding_mask": padding}):
         want = original(x, **kwargs)
         torch.testing.assert_close(converted(x, **kwargs), want, rtol=1e-5, atol=1e-5)
     # the masks matter at every layer: the output with them differs from the output without

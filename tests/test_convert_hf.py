@@ -1,4 +1,5 @@
-"""convert_to_momentum on Hugging Face GPT-2, BERT and ViT (tiny models built from configs).
+"""convert_to_momentum on Hugging Face GPT-2, BERT and ViT (tiny models built from configs; the
+Llama-family decoders are in test_convert_llm.py).
 
 γ = 0 reproduces the model with and without padding masks, reversible gradients equal autograd
 ones, and whatever a momentum stack cannot do (caches, per-layer outputs) is refused loudly.
@@ -16,7 +17,7 @@ from revnets.convert import find_residual_stacks
 
 transformers = pytest.importorskip("transformers")
 
-from revnets.convert.huggingface import HFMomentumStack  # noqa: E402
+from revnets.convert.huggingface import LayerSlot  # noqa: E402
 
 LAYERS = 3
 VOCAB = 64
@@ -99,14 +100,15 @@ def test_layer_lists_are_found_and_become_one_stack(family):
     for sub_layers in (None, [name]):
         converted = revnets.convert_to_momentum(original, 0.9, sub_layers=sub_layers)
         layers = converted.get_submodule(name)
-        assert isinstance(layers, nn.ModuleList) and len(layers) == 1 and isinstance(layers[0], HFMomentumStack)
+        assert isinstance(layers, nn.ModuleList) and len(layers) == LAYERS
+        assert all(isinstance(slot, LayerSlot) for slot in layers)
         [stack] = stacks(converted)
         assert stack.depth == LAYERS and stack.gamma == 0.9 and stack.mode == "reversible"
     # the weights carry over: <list>.<n>.<rest> is now <list>.0.stack.functions.<n>.block.<rest>
     weights = dict(original.named_parameters())
+    prefix = f"{name}.0.stack.functions."
     renamed = {
-        key.replace(f"{name}.0.stack.functions.", f"{name}.").replace(".block.", ".", 1): value
-        if ".stack.functions." in key else value
+        (name + "." + key.removeprefix(prefix).replace(".block.", ".", 1) if key.startswith(prefix) else key): value
         for key, value in converted.named_parameters()
     }
     assert renamed.keys() == weights.keys()
@@ -241,17 +243,7 @@ def test_head_masks_and_gradient_checkpointing_are_refused():
         converted.train()(ids)
 
 
-def test_unsupported_and_converted_layer_lists_are_refused():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    llama = transformers.LlamaModel(config)
-    with pytest.raises(ValueError, match=r"cannot convert layers \(ModuleList of LlamaDecoderLayer\): only lists"):
-        revnets.convert_to_momentum(llama, sub_layers=["layers"])
-    with pytest.raises(ValueError, match="found no residual stack in LlamaModel"):
-        revnets.convert_to_momentum(llama)
+def test_converted_layer_lists_are_refused():
     converted = revnets.convert_to_momentum(build("bert"))
     with pytest.raises(ValueError, match=r"cannot convert encoder.layer .*already reversible"):
         revnets.convert_to_momentum(converted, sub_layers=["encoder.layer"])

@@ -64,7 +64,7 @@ def test_ddp_shared_weights_matches_single_process():
     reference.set_mode("autograd")
     reference(_data()).pow(2).sum().div(BATCH).backward()
     for rank in range(world):
-        grads, params = results[rank]
+        grads, _params = results[rank]
         for g, p_ref in zip(grads, reference.parameters(), strict=True):
             torch.testing.assert_close(g, p_ref.grad, rtol=1e-10, atol=1e-12)
     for a, b in zip(results[0][1], results[1][1], strict=True):

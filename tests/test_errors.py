@@ -180,7 +180,8 @@ def test_non_callable_function_is_rejected():
 
 def test_init_velocity_with_wrong_shape_is_rejected():
     net = revnets.MomentumNet([small(4)], init_velocity=nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"init_velocity must return a tensor of the input's shape \(2, 4\); got \(2, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"init_velocity must return a tensor of the input's shape \(2, 4\); got \(2, 3\)"):
         net(torch.randn(2, 4))
 
 
@@ -263,7 +264,8 @@ def test_non_finite_function_output_while_inverting_names_the_layer(arch):
     with torch.no_grad():
         state = net.forward_state(net.init_state(x))
     net.eval()
-    with pytest.raises(FloatingPointError, match=rf"layer {depth - 1}: a function returned a non-finite value .* while inverting"):
+    with pytest.raises(FloatingPointError,
+                       match=rf"layer {depth - 1}: a function returned a non-finite value .* while inverting"):
         net.inverse_state(state)
 
 
@@ -318,7 +320,8 @@ def test_diverged_weights_name_the_first_layer_that_produced_nan(arch):
     """As after a diverging learning rate: layer 1's weights are inf, so its function returns NaN/inf."""
     net = make(arch, depth=3)
     with torch.no_grad():
-        for p in (net.functions if arch in ("MomentumNet", "MidpointNet", "LeapfrogNet") else net.f_functions)[1].parameters():
+        functions = net.functions if arch in ("MomentumNet", "MidpointNet", "LeapfrogNet") else net.f_functions
+        for p in functions[1].parameters():
             p.fill_(math.inf)
     out = net(torch.randn(2, 4, requires_grad=True))
     with pytest.raises(FloatingPointError, match=r"forward already produced it \(the state first became non-finite at "

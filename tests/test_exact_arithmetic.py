@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revnets.autograd import exact, kernels
+from revnets.autograd import kernels
 from revnets.autograd.buffer import packbits, unpackbits
 from revnets.autograd.exact import (
     MAX_DENOMINATOR,
@@ -423,7 +423,8 @@ def test_check_range() -> None:
 
 # --- the fused kernels of scale_add_exact / unscale_sub_exact --------------------------------------
 
-needs_kernels = pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C compiler: only the separate operations run")
+needs_kernels = pytest.mark.skipif(kernels.cpu_kernels() is None,
+                                   reason="no C compiler: only the separate operations run")
 
 
 def separately(function, *args, **kwargs):
@@ -552,7 +553,8 @@ def test_add_kernel_gives_the_bits_and_errors_of_the_separate_operations(
         assert fused == plain
         return
     (new, view), (plain_new, plain_view) = fused, plain
-    assert plain_view is None and torch.equal(new, plain_new) and torch.equal(new, q - increment if subtract else q + increment)
+    assert plain_view is None and torch.equal(new, plain_new)
+    assert torch.equal(new, q - increment if subtract else q + increment)
     assert torch.equal(bits(view), bits(separately(dequantize, plain_new, frac_bits, dtype)))
 
 

@@ -189,7 +189,8 @@ def test_depth_10000_reconstructs_bit_for_bit_with_a_small_buffer(record_propert
     per_element_layer = out.buffer_bits() / (batch * width * depth)
     record_property("buffer_bits_per_element_per_layer", per_element_layer)
     record_property("depth_10000_seconds", elapsed)
-    print(f"\ndepth {depth}: {per_element_layer:.4f} buffer bits per element per layer (floor {floor:.4f}); {elapsed:.1f} s")
+    print(f"\ndepth {depth}: {per_element_layer:.4f} buffer bits per element per layer (floor {floor:.4f}); "
+          f"{elapsed:.1f} s")
     assert per_element_layer < 0.2
     assert per_element_layer >= 0.95 * floor, "fewer bits than the information destroyed: buffer_bits() miscounts"
 

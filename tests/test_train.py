@@ -143,7 +143,8 @@ def test_help_shows_every_default_and_announces_only_real_commands():
         assert re.search(rf"{option} .*?\[default: \(?{re.escape(default)}\)?\]", text), option
     assert "<reversible|autograd|checkpoint>" in text and "`revnets models` lists them" in text
     top = _help()
-    listed = set(re.findall(r"^│ (\w+) ", CliRunner().invoke(app, ["--help"], env={"COLUMNS": "300"}).output, re.MULTILINE))
+    top_output = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "300"}).output
+    listed = set(re.findall(r"^│ (\w+) ", top_output, re.MULTILINE))
     assert "compare" not in top and {"train", "reproduce", "demo", "models", "datasets"} <= listed
 
 

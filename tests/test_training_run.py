@@ -276,7 +276,7 @@ def test_configuration_file_errors_name_the_file_and_the_key(tmp_path, name, tex
     with pytest.raises(ValueError, match=f"configuration file {path}.*{message}"):
         resolve({}, config_file=path)
     result = CliRunner().invoke(app, ["train", "--config", str(path)], env={"COLUMNS": "300"})
-    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert (result.exit_code == 2 and result.exception is None) or isinstance(result.exception, SystemExit)
     assert f"configuration file {path}" in _output(result) and "Traceback" not in result.output
 
 

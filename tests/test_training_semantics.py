@@ -109,8 +109,8 @@ def step(net: nn.Module, x: torch.Tensor | None = None, *, autocast: bool = Fals
 
 def assert_grads_close(actual: dict, expected: dict, *, rtol: float, atol: float) -> None:
     assert actual.keys() == expected.keys()
-    for name in expected:
-        e, a = expected[name], actual[name]
+    for name, e in expected.items():
+        a = actual[name]
         if e is None:
             assert a is None or torch.count_nonzero(a) == 0, name
             continue
@@ -206,7 +206,8 @@ def test_inverse_between_forward_and_backward_keeps_the_graph_valid(arch):
     assert all(torch.equal(b, stats[name]) for name, b in net.named_buffers()), "inverse moved the statistics"
     loss_of(net.output(state)).backward()
     _, ref_grads = step(ref)
-    assert_grads_close({"x": x.grad, **{n: p.grad for n, p in net.named_parameters()}}, ref_grads, rtol=1e-12, atol=1e-14)
+    assert_grads_close({"x": x.grad, **{n: p.grad for n, p in net.named_parameters()}}, ref_grads,
+                       rtol=1e-12, atol=1e-14)
 
 
 class SharedNormOutside(nn.Module):
@@ -367,7 +368,8 @@ def test_autocast_bfloat16_gradients_match_autocast_reference(arch, mode):
     assert gap > 1e-4, "sanity: autocast must actually change the reference gradients"
     error = relative_error(grads, ref_grads)
     assert error <= 2e-3, f"gradients differ from the autocast reference by {error:.2e} (relative to max)"
-    assert error <= 0.1 * gap, f"error {error:.2e} vs autocast/float32 gap {gap:.2e}: was the backward run under autocast?"
+    assert error <= 0.1 * gap, (f"error {error:.2e} vs autocast/float32 gap {gap:.2e}: "
+                                "was the backward run under autocast?")
 
 
 def test_autocast_state_restored_after_backward():
@@ -425,8 +427,8 @@ def test_backward_twice_with_retain_graph(arch, kind):
     first = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in net.named_parameters()}}
     loss.backward()
     second = {"x": x.grad, **{n: p.grad for n, p in net.named_parameters()}}
-    for name in first:
-        torch.testing.assert_close(second[name], 2 * first[name], rtol=1e-12, atol=1e-14)
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], 2 * value, rtol=1e-12, atol=1e-14)
     _, ref_grads = step(ref)
     tol = dict(rtol=1e-6, atol=1e-8) if kind == "exact" else dict(rtol=1e-9, atol=1e-11)
     assert_grads_close(first, ref_grads, **tol)

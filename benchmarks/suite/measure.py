@@ -94,7 +94,7 @@ def memory(instance: Instance, device: str, allocator: bool = False) -> tuple[di
             synchronize(device)
             result["cuda_peak"] = torch.cuda.max_memory_allocated() - base
         grads = _flat_grads(x, instance)
-    except Exception as error:  # noqa: BLE001 - e.g. a compiled graph under the dispatch mode
+    except Exception as error:  # e.g. a compiled graph under the dispatch mode
         result["tracker_error"] = f"{type(error).__name__}: {str(error)[:300]}"
         allocator = True
     del x

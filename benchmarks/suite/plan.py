@@ -131,7 +131,7 @@ class Runner:
                 for n in running[k:] + running[:k]:
                     try:
                         times[n].append(self._worker(n).trial(n))
-                    except Exception as error:  # noqa: BLE001 - a contender failing mid-run is reported
+                    except Exception as error:  # a contender failing mid-run is reported
                         rows[n]["status"] = f"failed in trial {trial + 1}: {type(error).__name__}: {str(error)[-300:]}"
                 running = [n for n in running if rows[n]["status"] == "ok"]
             for n in running:
@@ -144,7 +144,7 @@ class Runner:
                     continue
                 try:
                     rows[n]["memory"] = self._worker(n).memory(n, self.cfg.allocator_check)
-                except Exception as error:  # noqa: BLE001 - recorded with the contender
+                except Exception as error:  # recorded with the contender
                     rows[n]["memory"] = {"error": f"{type(error).__name__}: {str(error)[-300:]}"}
         failed = [n for n in names if rows[n]["status"] != "ok"]
         self.log(f"  {spec.label():<40} {len(running)} ran, {len(failed)} n/a or failed"
@@ -213,7 +213,7 @@ class Runner:
             for seq in c.encoder_seqs:
                 for label, module in encoder_pair(c.encoder_depth, c.encoder_width, device).items():
                     x = torch.randn(batch, seq, c.encoder_width, device=device)
-                    step = Instance(module, x, torch.randn_like(x), [p for p in module.parameters()])
+                    step = Instance(module, x, torch.randn_like(x), list(module.parameters()))
                     numbers, _ = measure.memory(step, device)
                     encoders.append({"model": label, "batch": batch, "seq": seq, **numbers})
         self.log(f"  encoder: {len(encoders)} measurements")

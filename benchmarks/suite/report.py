@@ -101,7 +101,7 @@ def comparison_table(comparison: dict, baseline: str = "loop") -> list[str]:
                      f"{memory['allocator_peak'] / MIB:.2f} peak)")
         lines.append(f"| {row['label']} | {time_cell} | {ratio_cell} | {_mib(memory, 'held_after_forward')}{extra} | "
                      f"{_mib(memory, 'peak')} | {'–' if err is None else f'{err:.1e}'} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def growth(comparisons: list[dict], name: str, key: str = "depth") -> float | None:
@@ -146,7 +146,7 @@ def sweep_table(comparisons: list[dict], key: str, title: str) -> list[str]:
                            f"expected "
                       f"{expected / 1024:.2f} (it saves x_n and tanh(·), two B×W float32 tensors) — "
                       f"{'PASS' if ok else 'FAIL'}.")]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def budget_rows(results: dict) -> list[dict]:

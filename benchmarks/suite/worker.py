@@ -67,7 +67,7 @@ class LocalWorker:
                     measure.time_step(instance, self.device)
                 self.instances[name] = instance
                 errors[name] = None
-            except Exception as error:  # noqa: BLE001 - reported as this contender's failure
+            except Exception as error:  # reported as this contender's failure
                 errors[name] = f"failed: {type(error).__name__}: {error}"
         # Everything alive now (modules, imports, compiled graphs) is moved out of the collector's
         # generations until the next set-up: the gc.collect() before every timed call then scans only
@@ -106,7 +106,7 @@ class SubprocessWorker:
     def __init__(self, python: str, device: str = "cpu", threads: int | None = None, options: dict | None = None,
                  log_path: Path | None = None):
         self.log_path = log_path or Path(os.devnull)
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        self._log = open(self.log_path, "w")  # closed in close()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SUITE_ROOT), str(SUITE_ROOT.parent)]))
         self.process = subprocess.Popen(
             [python, "-m", "suite.worker",
@@ -164,7 +164,7 @@ def _serve(settings: dict) -> None:
         method, args = json.loads(line)
         try:
             answer = {"ok": methods[method](*args)}
-        except Exception:  # noqa: BLE001 - sent back to the caller
+        except Exception:  # sent back to the caller
             answer = {"error": traceback.format_exc()}
         out.write(json.dumps(answer) + "\n")
         out.flush()

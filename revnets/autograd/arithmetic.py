@@ -119,7 +119,8 @@ class FixedPointArithmetic:
 
     @classmethod
     def for_step(cls, step: Step, frac_bits: int, dtype: torch.dtype) -> FixedPointArithmetic:
-        return cls(frac_bits, dtype, tuple(exact_ratio(u.scale, name="the update's scale (γ for MomentumNet)") for u in step.updates))
+        return cls(frac_bits, dtype,
+                   tuple(exact_ratio(u.scale, name="the update's scale (γ for MomentumNet)") for u in step.updates))
 
     def view(self, component: Tensor) -> Tensor:
         """``dequantize(component)``: the view the last update made of it if that is ``component``, once."""

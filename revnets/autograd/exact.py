@@ -161,8 +161,8 @@ def quantize(x: torch.Tensor, frac_bits: int, *, what: str = "value", gain: floa
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Return ``q / 2^F`` as ``dtype``, rounded once (deterministic): ``fl(fl(q)·2^-F)``, ``q`` rounded to
     ``dtype`` and multiplied by ``2^-F`` taken in ``dtype`` (exact unless it underflows). On a
-    contiguous CPU tensor and float32 or float64, one pass of a compiled kernel (see :func:`~revnets.autograd.kernels.cpu_kernels`),
-    with the same bits.
+    contiguous CPU tensor and float32 or float64, one pass of a compiled kernel (see
+    :func:`~revnets.autograd.kernels.cpu_kernels`), with the same bits.
 
     Args:
         q: int64 fixed-point integers of any shape, ``|q| ≤ 2^53`` for an exact float64 step.
@@ -290,9 +290,9 @@ def add_exact(
     ``dequantize(q', frac_bits, dtype)`` where it comes from the same pass.
 
     On contiguous CPU tensors of one shape and a float32 or float64 ``dtype`` one pass of a compiled
-    kernel (see :func:`~revnets.autograd.kernels.cpu_kernels`) computes ``q'``, its view ``fl(fl(q')·2^-F)`` and its extremes;
-    elsewhere the torch operation runs and the view is ``None`` (not computed). The same integers
-    either way (wrapping as int64 arithmetic does).
+    kernel (see :func:`~revnets.autograd.kernels.cpu_kernels`) computes ``q'``, its view
+    ``fl(fl(q')·2^-F)`` and its extremes; elsewhere the torch operation runs and the view is ``None``
+    (not computed). The same integers either way (wrapping as int64 arithmetic does).
 
     Args:
         q, increment: int64 tensors.

@@ -56,7 +56,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None
-    flags = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-shared")  # vectorised, no FMA
+    # vectorised, no FMA
+    flags = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-shared")
     key = hashlib.sha256("\0".join((KERNEL_SOURCE, compiler, *flags, platform.machine(), cpu_identity())).encode())
     key = key.hexdigest()
     directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "revnets"

@@ -111,6 +111,7 @@ def first_non_finite_layer(layer_pass: LayerPass, layers: Sequence[Functions], f
     for k, functions in enumerate(layers, start=first):
         tensors, buffers = layer_pass.forward((functions,), k, tensors, buffers)
         if not arithmetic.all_finite(tensors):
-            return f"the state first became non-finite at layer {k} (a function returned NaN/inf or the state overflowed)"
+            return (f"the state first became non-finite at layer {k} "
+                    "(a function returned NaN/inf or the state overflowed)")
     return ("its output held NaN/inf, but a second run of the same forward did not: a function is not deterministic "
             "(randomness from outside torch's generators, or state changed by the first run)")

@@ -37,11 +37,11 @@ class LayerSeeds:
     A stack call that records a graph draws one integer ``base`` from the caller's CPU generator
     (:meth:`draw`). Inside :meth:`forked` (the caller's generators are restored on exit, so the
     caller sees exactly that one draw), update ``j`` of layer ``k`` runs after :meth:`seed` has seeded
-    the CPU generator and those of ``devices`` with a seed computed from ``base``, ``k`` and ``j``. Replaying the update in the
-    backward only takes seeding again: the bookkeeping is one integer per stack call, whatever the
-    depth, instead of a generator snapshot (5 KB for the CPU generator) per layer. Every mode of the
-    engine (autograd, checkpoint, reversible, exact) follows this protocol, so they draw the same
-    dropout masks and leave the caller's generator in the same state.
+    the CPU generator and those of ``devices`` with a seed computed from ``base``, ``k`` and ``j``.
+    Replaying the update in the backward only takes seeding again: the bookkeeping is one integer per
+    stack call, whatever the depth, instead of a generator snapshot (5 KB for the CPU generator) per
+    layer. Every mode of the engine (autograd, checkpoint, reversible, exact) follows this protocol,
+    so they draw the same dropout masks and leave the caller's generator in the same state.
     """
 
     base: int

@@ -77,5 +77,5 @@ def demo(
     """Nested rings (Sander et al. 2021, Fig. 1), i.e. `revnets reproduce rings` with one seed: a ResNet
     against a Momentum ResNet, 15 tied steps, on generated data; writes the figure, prints both accuracies."""
     command = _command(["revnets", "demo"], {"seeds": seeds, "steps": steps, "smoke": smoke})
-    _run("rings", out or _default_out("demo"), smoke, command, overwrite, seeds=1 if seeds is None else seeds, momentum_steps=steps,
-         resnet_steps=steps)
+    _run("rings", out or _default_out("demo"), smoke, command, overwrite, seeds=1 if seeds is None else seeds,
+         momentum_steps=steps, resnet_steps=steps)

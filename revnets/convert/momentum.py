@@ -9,7 +9,8 @@ functions are the stack's blocks with the identity taken out, ``f_n(x) = block_n
 * ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` (and both halves of ``nn.Transformer``) turn
   all their layers into one momentum stack; masks, key-padding masks and the encoder memory reach
   every layer, and the final norm is kept;
-* the layer list of a Hugging Face GPT-2, BERT or ViT model (``h``, ``encoder.layer``, ``layers``)
+* the layer list of a Hugging Face model (GPT-2, BERT, ViT, Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3...:
+  ``h``, ``encoder.layer``, ``layers``; see :mod:`revnets.convert.huggingface`)
   becomes one momentum stack that the model's own loop calls (see :mod:`revnets.convert.huggingface`).
 
 With ``γ = 0`` the converted model computes the original one (``x + (block(x) − x)``), so
@@ -40,9 +41,13 @@ class _Settings:
     gamma: float | Fraction
     strategy: MemoryStrategy
 
-    def momentum_net(self, blocks: Sequence[nn.Module]) -> MomentumNet:
-        functions = [ResidualFunction(block) for block in blocks]
+    def momentum_net(self, functions: Sequence[nn.Module]) -> MomentumNet:
+        """The momentum stack of ``functions`` (residual functions cut out of blocks)."""
         return MomentumNet(functions, self.gamma, strategy=self.strategy)
+
+    def residual_stack(self, blocks: Sequence[nn.Module]) -> MomentumNet:
+        """The momentum stack of ``blocks`` computing ``x + F(x)``: ``f = block − identity``."""
+        return self.momentum_net([ResidualFunction(block) for block in blocks])
 
 
 class MomentumTransformerEncoder(nn.Module):
@@ -54,7 +59,7 @@ class MomentumTransformerEncoder(nn.Module):
 
     def __init__(self, encoder: nn.TransformerEncoder, settings: _Settings):
         super().__init__()
-        self.layers = settings.momentum_net(list(encoder.layers))
+        self.layers = settings.residual_stack(list(encoder.layers))
         self.norm = encoder.norm
 
     def forward(
@@ -73,7 +78,7 @@ class MomentumTransformerDecoder(nn.Module):
 
     def __init__(self, decoder: nn.TransformerDecoder, settings: _Settings):
         super().__init__()
-        self.layers = settings.momentum_net(list(decoder.layers))
+        self.layers = settings.residual_stack(list(decoder.layers))
         self.norm = decoder.norm
 
     def forward(
@@ -109,7 +114,7 @@ def _convert_resnet_stage(stage: nn.Sequential, name: str, settings: _Settings) 
             )
     if not rest:
         return stage
-    return ConvertedStage(first, settings.momentum_net(rest), mode=settings.strategy.mode)
+    return ConvertedStage(first, settings.residual_stack(rest), mode=settings.strategy.mode)
 
 
 class ConvertedStage(nn.Sequential):
@@ -157,7 +162,7 @@ def _convert(module: nn.Module, name: str, settings: _Settings) -> nn.Module:
     raise ValueError(
         f"cannot convert {name} ({type(module).__name__}): expected a ResNet stage (nn.Sequential of "
         "torchvision/timm residual blocks), nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer "
-        "or the layer list of a Hugging Face GPT-2/BERT/ViT model"
+        "or the layer list of a Hugging Face model (GPT-2, BERT, ViT, Llama-family decoders...)"
     )
 
 
@@ -165,7 +170,8 @@ def find_residual_stacks(model: nn.Module) -> list[str]:
     """Names of the stacks :func:`convert_to_momentum` converts when ``sub_layers`` is not given.
 
     Transformers and Transformer encoders/decoders, ResNet stages of at least two blocks and the layer
-    lists of Hugging Face GPT-2/BERT/ViT models; a stack inside one already found is not listed again.
+    lists of Hugging Face models (GPT-2, BERT, ViT, Llama-family decoders...); a stack inside one already
+    found is not listed again.
     ``""`` stands for ``model`` itself.
     """
     found: list[str] = []
@@ -210,7 +216,7 @@ def convert_to_momentum(
         if not names:
             raise ValueError(
                 f"found no residual stack in {type(model).__name__} (ResNet stages, nn.Transformer*, Hugging Face "
-                "GPT-2/BERT/ViT layer lists): name "
+                "layer lists): name "
                 "the stacks to convert with sub_layers=[...]"
             )
     else:

@@ -4,7 +4,9 @@
 ``results.json`` and its figure; ``revnets reproduce NAME`` is the command line.
 """
 
-from . import rings as _rings  # noqa: F401 - each module registers its experiment, in the order of the docs
+# Each module registers its experiment when imported: this order is the registry's (and the docs').
+# isort: off
+from . import rings as _rings  # noqa: F401
 from . import cubic as _cubic  # noqa: F401
 from . import linear as _linear  # noqa: F401
 from . import l2o as _l2o  # noqa: F401
@@ -14,6 +16,7 @@ from . import small_data as _small_data  # noqa: F401
 from . import deep as _deep  # noqa: F401
 from . import finetune as _finetune  # noqa: F401
 from . import cifar as _cifar  # noqa: F401
+# isort: on
 from .base import Experiment as Experiment
 from .base import format_table as format_table
 from .base import get_experiment as get_experiment

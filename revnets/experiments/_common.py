@@ -16,11 +16,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..memory import StorageTracker, mib as memory_mib
+from ..memory import StorageTracker
+from ..memory import mib as memory_mib
 from ..models.layers import BasicBlock
 from ..nn import MomentumNet
 from ..training.data import InMemoryBatches, on_device
-from ..training.devices import resolve_device as resolve_device  # noqa: F401  (the trainer's device rule and errors)
+from ..training.devices import resolve_device as resolve_device
 from ..training.step import training_step
 
 

@@ -26,8 +26,16 @@ import torch
 
 from ..data import dataset_info, load_dataset
 from ..models import create_model
-from ._common import TrainSettings, accuracy, bar, count_parameters, dataset_tensors, resolve_device, threads, \
-    train_classifier
+from ._common import (
+    TrainSettings,
+    accuracy,
+    bar,
+    count_parameters,
+    dataset_tensors,
+    resolve_device,
+    threads,
+    train_classifier,
+)
 from .base import Experiment, pyplot, register_experiment, save_figure, summary_entry
 
 NETWORKS = {"resnet": ("resnet", {}), "momentum": ("momentum_resnet", {"init_velocity": "zero"}),

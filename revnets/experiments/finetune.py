@@ -132,7 +132,7 @@ def largest_batch(model: nn.Module, config: FinetuneConfig, num_classes: int, de
     while batch <= config.max_batch:
         x = torch.randn(batch, 3, config.image_size, config.image_size, device=device)
         y = torch.randint(num_classes, (batch,), device=device)
-        memory = training_step_memory(model, lambda m: nn.functional.cross_entropy(m(x), y))
+        memory = training_step_memory(model, lambda m, x=x, y=y: nn.functional.cross_entropy(m(x), y))
         peak = memory.peak_bytes if memory.cuda_peak_bytes is None else memory.cuda_peak_bytes
         peaks[batch] = mib(peak)
         if peak > budget:
@@ -174,11 +174,11 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
         per_seed: dict[str, list[float]] = {name: [] for name in NETWORKS}
         with bar(config.seeds * len(NETWORKS), "fine-tuning") as progress:
             for seed in range(config.seeds):
-                for network in NETWORKS:
+                for network, description in NETWORKS.items():
                     model = with_head(pretrained, num_classes, seed)
                     if network == "momentum":
                         model = convert_to_momentum(model, config.gamma, mode="reversible")
-                    train_classifier(model, train, settings, seed=seed, desc=NETWORKS[network])
+                    train_classifier(model, train, settings, seed=seed, desc=description)
                     per_seed[network].append(accuracy(model, *test))
                     progress.update()
         resnet = with_head(pretrained, num_classes, 0)

@@ -58,7 +58,8 @@ PAPER_MINIMA = {0.1: -0.011, 0.5: -0.383, 1.0: -0.614, 2.0: -0.781, 10.0: -0.951
 
 @dataclass
 class LinearConfig:
-    """Settings of the linear-maps experiment (design ours; the ε at which Sander et al. 2021's 1-D minima are given)."""
+    """Settings of the linear-maps experiment (design ours; the ε at which Sander et al. 2021's 1-D minima
+    are given)."""
 
     seeds: int = 3
     depth: int = 100

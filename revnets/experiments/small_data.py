@@ -103,7 +103,7 @@ def run(config: SmallDataConfig) -> dict[str, Any]:
                 index = stratified_subset(train_all[1], fraction, torch.Generator().manual_seed(seed))
                 subset = (train_all[0][index], train_all[1][index])
                 sizes[fraction] = len(index)
-                for network in NETWORKS:
+                for network, description in NETWORKS.items():
                     torch.manual_seed(seed)
                     model = make_network(network, in_channels, info.num_classes or 10, config).to(device)
                     parameters[network] = count_parameters(model)
@@ -111,7 +111,7 @@ def run(config: SmallDataConfig) -> dict[str, Any]:
                     if network == "hamiltonian" and config.smoothness:
                         penalty = lambda m=model: config.smoothness * m.smoothness_penalty()  # noqa: E731
                     train_classifier(model, subset, settings, seed=seed, penalty=penalty,
-                                     desc=f"{NETWORKS[network]} {fraction:.0%}")
+                                     desc=f"{description} {fraction:.0%}")
                     results[network][fraction].append(accuracy(model, *test))
                     progress.update()
     largest, smallest = config.fractions[-1], config.fractions[0]

@@ -68,6 +68,7 @@ with ``mode="autograd"`` to ~1e-6 (depth 38 and 110); float64 to < 1e-9.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -245,7 +246,7 @@ class ChangNet(ZooModel):
         channels = tuple(channels)
         if len(channels) != 4 or any(isinstance(c, bool) or not isinstance(c, int) or c < 2 or c % 2 for c in channels):
             raise ValueError(f"channels must be 4 even integers ≥ 2 (stem, unit 1, unit 2, unit 3); got {channels!r}")
-        if any(b < a for a, b in zip(channels, channels[1:])):
+        if any(b < a for a, b in itertools.pairwise(channels)):
             raise ValueError(f"channels must not decrease (transitions zero-pad); got {channels!r}")
         blocks = (blocks_per_unit,) * 3 if isinstance(blocks_per_unit, int) else tuple(blocks_per_unit)
         if len(blocks) != 3 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
@@ -286,7 +287,7 @@ class ChangNet(ZooModel):
         reference = kernels[0][0]
         total = reference.new_zeros(())
         for seq in kernels:
-            for a, b in zip(seq, seq[1:]):
+            for a, b in itertools.pairwise(seq):
                 total = total + (b - a).square().sum()
         return total
 

@@ -37,7 +37,8 @@ class ResidualBlock(nn.Module):
 
 
 class BasicBlock(ResidualBlock):
-    """``relu(x' + bn2(conv2(relu(bn1(conv1(x))))))``, ``x'`` = x or its projection: ``(B, C_in, H, W) → (B, C, H/s, W/s)``."""
+    """``relu(x' + bn2(conv2(relu(bn1(conv1(x))))))``, ``x'`` = x or its projection:
+    ``(B, C_in, H, W) → (B, C, H/s, W/s)``."""
 
     expansion = 1
 

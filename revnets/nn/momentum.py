@@ -64,7 +64,8 @@ class MomentumNet(ReversibleNet):
             if not 0 < gamma < 1:
                 raise ValueError(f"learn_gamma=True keeps gamma inside the open interval (0, 1); got gamma={gamma!r}")
             if exact:
-                raise ValueError("learn_gamma=True is not supported with exact=True: exact inversion needs a fixed rational gamma")
+                raise ValueError("learn_gamma=True is not supported with exact=True: "
+                                 "exact inversion needs a fixed rational gamma")
             self.gamma_logit = nn.Parameter(torch.logit(torch.tensor(float(gamma), dtype=torch.get_default_dtype())))
         else:
             # Exact mode multiplies by the rational n/d that exact_ratio returns (it warns if that is not

@@ -5,8 +5,8 @@ A reversible network keeps a *state*: a tuple of tensors ``s = (s_0, ..., s_{m-1
 
     s_i  <-  a * s_i + c * u(s_j for j != i)
 
-where ``a`` (the scale) is a non-zero scalar, ``c`` (the gain) a scalar, and ``u`` may call the layer's functions on the *other* components.
-Because ``u`` does not read ``s_i``, the update is inverted in closed form,
+where ``a`` (the scale) is a non-zero scalar, ``c`` (the gain) a scalar, and ``u`` may call the layer's functions on
+the *other* components. Because ``u`` does not read ``s_i``, the update is inverted in closed form,
 
     s_i  =  (s_i' - c * u(s_j for j != i)) / a,
 
@@ -31,7 +31,9 @@ from torch import Tensor
 State = tuple[Tensor, ...]
 """The state of a reversible stack: a tuple of tensors (``None`` marks the component being updated)."""
 
-UpdateFn = Callable[[tuple[Tensor | None, ...], Sequence[Callable[..., Tensor]], tuple[Any, ...], dict[str, Any]], Tensor]
+UpdateFn = Callable[
+    [tuple[Tensor | None, ...], Sequence[Callable[..., Tensor]], tuple[Any, ...], dict[str, Any]], Tensor
+]
 """``u(state, layer_functions, args, kwargs) -> Tensor``: the increment of one update.
 
 ``state[target]`` is ``None`` while ``u`` is evaluated: ``u`` must read the other components only.
