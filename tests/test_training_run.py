@@ -99,7 +99,7 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(tmp_path, uninterrupte
     out = tmp_path / "run"
     stopped = _start_and_stop_at(out, 3, signal.SIGINT)
     assert stopped.returncode == 130, stopped.stderr
-    assert f"resume with: revnets train --resume {out}" in stopped.stderr
+    assert f"resume with: revnets train --resume {out}\n" in stopped.stderr  # a line of its own, ended
     assert 3 <= _latest_step(out) < STEPS
     resume(out)  # in this process (one thread, as the subprocesses)
     _assert_same_run(out, uninterrupted)
@@ -350,3 +350,14 @@ def test_batchnorm_statistics_are_recomputed_after_each_epoch():
     with torch.no_grad():
         means = [trainer.model.stem[0](images).mean(dim=(0, 2, 3)) for images in batches]
     torch.testing.assert_close(trainer.model.stem[1].running_mean, (means[0] + means[1]) / 2)
+
+
+def test_a_new_checkpoint_removes_older_checkpoints_only(tmp_path):
+    from revnets.training.checkpoint import save_checkpoint
+
+    weights = {"w": torch.zeros(2)}
+    save_checkpoint(tmp_path, 1, weights, {"step": 1})
+    (tmp_path / "checkpoints" / "my-best").mkdir()  # a folder of the user's, beside revnets' own
+    (tmp_path / "checkpoints" / "step-00000007.tmp").mkdir()  # an unfinished one a kill left behind
+    save_checkpoint(tmp_path, 2, weights, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "my-best", "step-00000002"]

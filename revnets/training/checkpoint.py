@@ -56,6 +56,8 @@ def default_run_dir(model: str, dataset: str, parent: Path = Path("runs")) -> Pa
 #: and nothing else.
 RUN_ENTRIES = frozenset({CONFIG_FILE, "metrics.csv", "metrics.jsonl", "curves.png", "model.safetensors",
                          CHECKPOINTS, "tensorboard"})
+#: The folders :func:`save_checkpoint` writes (``step-N``, and ``step-N.tmp`` until complete).
+_CHECKPOINT_NAME = re.compile(r"step-\d{8}(\.tmp)?")
 #: The temporary files of :func:`atomic_write` that a kill can leave behind.
 _TEMPORARY = re.compile(r"\..+\.tmp-\d+")
 
@@ -199,8 +201,8 @@ def save_checkpoint(out: Path, step: int, weights: dict[str, Tensor], state: dic
     os.replace(temporary, final)
     fsync_directory(folder)
     atomic_write(folder / "latest", lambda path: path.write_text(name))
-    for other in folder.iterdir():
-        if other.is_dir() and other.name != name:
+    for other in folder.iterdir():  # older checkpoints and unfinished ones; nothing else
+        if other.is_dir() and other.name != name and _CHECKPOINT_NAME.fullmatch(other.name):
             shutil.rmtree(other, ignore_errors=True)
     return final
 
