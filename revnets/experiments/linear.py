@@ -237,68 +237,89 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     minimum is annotated with the cause: the minimum lies far from the initial ``B ≈ 0``."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
+    _plot_errors(left, results)
+    means = _plot_one_d(right, results)
+    _annotate_shortfalls(left, right, results, means)
+    return save_figure(fig, out, "linear.png")
+
+
+def _category_shift(i: int, count: int) -> float:
+    """Offset of series ``i`` of ``count`` within a category of panel (a): side by side."""
+    return 0.12 * (i - (count - 1) / 2)
+
+
+def _plot_errors(ax, results: dict[str, Any]) -> None:
+    """Panel (a): the scale-free error of each matrix per network, as markers with error bars."""
     names = list(results["epsilons"])
     positions = list(range(len(names)))
     labels = ["ResNet" if n == "resnet" else f"ε={results['epsilons'][n]:g}" for n in names]
-    matrices = list(results["errors"])
     for i, (matrix, by_net) in enumerate(results["errors"].items()):
-        shift = 0.12 * (i - (len(matrices) - 1) / 2)  # side by side within each category
+        shift = _category_shift(i, len(results["errors"]))
         means = [max(by_net[n]["mean"], 1e-8) for n in names]
         stds = [by_net[n]["std"] for n in names]
-        left.errorbar([p + shift for p in positions], means, yerr=stds, marker="o", linestyle="none",
-                      capsize=3, label=matrix.replace("_", " "))
-    left.set_yscale("log")
-    left.set_xticks(positions, labels)
-    left.set_xlim(-0.5, len(names) - 0.5)
-    left.set_ylabel("scale-free error (test, mean ± std over seeds)")
-    left.set_title("(a) learning x ↦ Ax up to a factor (2-D)", fontsize=10)
-    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+        ax.errorbar([p + shift for p in positions], means, yerr=stds, marker="o", linestyle="none",
+                    capsize=3, label=matrix.replace("_", " "))
+    ax.set_yscale("log")
+    ax.set_xticks(positions, labels)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylabel("scale-free error (test, mean ± std over seeds)")
+    ax.set_title("(a) learning x ↦ Ax up to a factor (2-D)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
 
+
+def _plot_one_d(ax, results: dict[str, Any]) -> dict[str, float]:
+    """Panel (b): the smallest reachable x(1) against ε; returns the trained mean per network."""
     one_d = results["one_d"]
-    momentum = [n for n in names if n != "resnet"]
+    momentum = [n for n in results["epsilons"] if n != "resnet"]
     eps = [one_d[n]["epsilon"] for n in momentum]
     if len(eps) > 1:
         grid = torch.logspace(math.log10(min(eps)), math.log10(max(eps)), 60, dtype=torch.float64).tolist()
-        right.plot(grid, [ode_minimum(e) for e in grid], "k-", lw=1, label="ODE closed form (ours)")
+        ax.plot(grid, [ode_minimum(e) for e in grid], "k-", lw=1, label="ODE closed form (ours)")
     else:
-        right.plot(eps, [one_d[n]["ode_minimum"] for n in momentum], "k_", ms=14, label="ODE closed form (ours)")
-    right.plot(eps, [one_d[n]["network_minimum"] for n in momentum], "bs", linestyle="none", ms=5,
-               label="depth-N network, λ scanned")
+        ax.plot(eps, [one_d[n]["ode_minimum"] for n in momentum], "k_", ms=14, label="ODE closed form (ours)")
+    ax.plot(eps, [one_d[n]["network_minimum"] for n in momentum], "bs", linestyle="none", ms=5,
+            label="depth-N network, λ scanned")
     trained = [one_d[n]["trained_x1"] for n in momentum]
     means = [sum(t) / len(t) for t in trained]
     stds = [math.sqrt(sum((v - m) ** 2 for v in t) / (len(t) - 1)) if len(t) > 1 else 0.0
             for t, m in zip(trained, means)]
-    right.errorbar(eps, means, yerr=stds, fmt="g^", linestyle="none", capsize=3, ms=7,
-                   label="trained to fit x ↦ −x (mean ± std)")
+    ax.errorbar(eps, means, yerr=stds, fmt="g^", linestyle="none", capsize=3, ms=7,
+                label="trained to fit x ↦ −x (mean ± std)")
     paper = [(one_d[n]["epsilon"], one_d[n]["paper_minimum"]) for n in momentum
              if one_d[n]["paper_minimum"] is not None]
     if paper:
-        right.plot(*zip(*paper), "ro", mfc="none", ms=10, linestyle="none", label="Sander et al. (2021)")
-    right.axhline(0, color="grey", lw=0.5)
-    right.set_xscale("log")
-    right.set_xticks(eps, [f"{e:g}" for e in eps])
-    right.minorticks_off()
-    right.set_xlabel("ε")
-    right.set_ylabel("smallest reachable x(1)")
-    right.set_title("(b) 1-D: ε ẍ + ẋ = λx, x(0)=1 (ResNet: x(1) = e^λ > 0)", fontsize=10)
-    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+        ax.plot(*zip(*paper), "ro", mfc="none", ms=10, linestyle="none", label="Sander et al. (2021)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.minorticks_off()
+    ax.set_xlabel("ε")
+    ax.set_ylabel("smallest reachable x(1)")
+    ax.set_title("(b) 1-D: ε ẍ + ẋ = λx, x(0)=1 (ResNet: x(1) = e^λ > 0)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    return dict(zip(momentum, means))
 
-    # the cause of a failed fit: the negative part of φ_ε lies far from the initial B ≈ 0
-    short = [(n, e, m) for n, e, m in zip(momentum, eps, means) if m - one_d[n]["network_minimum"] > SHORTFALL]
+
+def _annotate_shortfalls(left, right, results: dict[str, Any], means: dict[str, float]) -> None:
+    """Say on both panels why a fit stopped short: the negative part of φ_ε lies far from ``B ≈ 0``."""
+    one_d, names, matrices = results["one_d"], list(results["epsilons"]), results["errors"]
     arrow = {"arrowstyle": "->", "color": "darkred", "lw": 0.8}
     lines, failed_2d = [], []
-    for n, e, m in short:
+    for n, m in means.items():
+        e = one_d[n]["epsilon"]
+        if m - one_d[n]["network_minimum"] <= SHORTFALL:
+            continue
         first, best = ode_landmarks(e)
         lines.append(f"ε = {e:g}: the fit stops at {m:.3f}, above the reachable "
                      f"{one_d[n]['network_minimum']:.3f}:\nx(1) < 0 needs λ < {first:.1f} (best at "
                      f"λ ≈ {best:.1f}), far from\nthe initial B ≈ 0; training ends before B gets "
                      f"there\n(too few Adam steps), not a limit of the network.".replace("-", "−"))
         right.annotate("", xy=(e, m), xytext=(0.97, 0.93), textcoords="axes fraction", arrowprops=arrow)
-        failed = [(i, by_net[n]["mean"]) for i, by_net in enumerate(results["errors"].values())
+        failed = [(i, by_net[n]["mean"]) for i, by_net in enumerate(matrices.values())
                   if by_net[n]["mean"] is not None and by_net[n]["mean"] > SHORTFALL]
         if failed:
             i, worst = max(failed, key=lambda f: f[1])
-            failed_2d.append((e, names.index(n) + 0.12 * (i - (len(matrices) - 1) / 2), worst))
+            failed_2d.append((e, names.index(n) + _category_shift(i, len(matrices)), worst))
     if lines:
         right.text(0.97, 0.95, "\n".join(lines), transform=right.transAxes, ha="right", va="top",
                    fontsize=7.5, color="darkred",
@@ -309,7 +330,6 @@ def plot(results: dict[str, Any], out: Path) -> Path:
         for _, column, worst in failed_2d:
             left.annotate("", xy=(column, worst), xytext=(0.93, 0.46), textcoords="axes fraction",
                           arrowprops=arrow)
-    return save_figure(fig, out, "linear.png")
 
 
 EXPERIMENT = register_experiment(Experiment(
