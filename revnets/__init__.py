@@ -12,6 +12,7 @@ from .autograd import ExactState as ExactState
 from .autograd import MemoryStrategy as MemoryStrategy
 from .autograd import Reversible as Reversible
 from .convert import convert_to_momentum as convert_to_momentum
+from .convert import convert_to_reversible as convert_to_reversible
 from .nn import HamiltonianNet as HamiltonianNet
 from .nn import LeapfrogNet as LeapfrogNet
 from .nn import MidpointNet as MidpointNet

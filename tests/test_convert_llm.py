@@ -43,11 +43,10 @@ FAMILIES = {  # (config class, causal-LM class, options): sliding windows shorte
 def build(family: str, **options) -> nn.Module:
     config_class, model_class, defaults = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(
-        num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **{**defaults, **options},
-    )
+    settings = {"num_hidden_layers": LAYERS, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 64, "pad_token_id": 0,
+                "bos_token_id": 1, "eos_token_id": 2}
+    config = getattr(transformers, config_class)(**{**settings, **defaults, **options})
     return getattr(transformers, model_class)(config)
 
 
@@ -198,3 +197,36 @@ def test_layer_lists_that_are_not_a_residual_stack_are_refused():
     with pytest.raises(ValueError, match=r"takes 'x' first, not hidden_states"):
         revnets.convert_to_momentum(model, sub_layers=["model.mixed"])
     assert find_residual_stacks(model) == ["model.layers"]
+
+
+@pytest.mark.parametrize("scheme", ["midpoint", "leapfrog"])
+def test_chang_schemes_from_a_layer_list(scheme):
+    """Midpoint and Leapfrog stacks started at rest, f = ±(layer − identity): with the default h their
+    first step is the original first layer (a one-layer model is reproduced), they train with reversible
+    gradients equal to autograd's, and they generate with a cache."""
+    one_layer = build("llama", num_hidden_layers=1).double().eval()
+    ids = token_ids()
+    reproduced = revnets.convert_to_reversible(one_layer, scheme, mode="autograd").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(reproduced, ids), logits(one_layer, ids), rtol=1e-12, atol=1e-12)
+    model = revnets.convert_to_reversible(build("qwen3").double(), scheme)
+    [stack] = [m for m in model.modules() if isinstance(m, revnets.ReversibleNet)]
+    assert type(stack).__name__.lower().startswith(scheme) and stack.start == "rest" and stack.depth == LAYERS
+    params = [p for p in model.parameters() if p.requires_grad]
+    reversible = torch.autograd.grad(model(input_ids=ids, labels=ids, use_cache=False).loss, params)
+    revnets.set_mode(model, "autograd")
+    reference = torch.autograd.grad(model(input_ids=ids, labels=ids, use_cache=False).loss, params)
+    for got, want in zip(reversible, reference, strict=True):
+        assert (got - want).norm() <= FLOAT32_INSIDE * want.norm(), float((got - want).norm() / want.norm())
+    revnets.set_mode(model, "reversible")
+    with torch.no_grad():
+        model.eval()
+        cached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
+        assert torch.equal(cached, model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
+
+
+def test_bad_schemes_are_refused():
+    with pytest.raises(ValueError, match="scheme must be one of 'momentum', 'midpoint', 'leapfrog'; got 'euler'"):
+        revnets.convert_to_reversible(build("llama"), "euler")
+    with pytest.raises(ValueError, match="the momentum scheme takes gamma"):
+        revnets.convert_to_reversible(build("llama"), "momentum", h=0.5)

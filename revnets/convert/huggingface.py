@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers`` layer lists as momentum stacks (used by ``convert_to_momentum``).
+"""Hugging Face ``transformers`` layer lists as reversible stacks (used by ``convert_to_momentum`` and
+``convert_to_reversible``).
 
 A ``transformers`` model (GPT-2, BERT, ViT, Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, and any model
 built the same way) runs its layers in a loop over an ``nn.ModuleList``::
@@ -98,8 +99,8 @@ class LayerFunction(ResidualFunction):
     are the arguments the model's loop gave layer ``k`` (every function of the stack receives all of
     them, and takes its own)."""
 
-    def __init__(self, layer: nn.Module, index: int):
-        super().__init__(layer)
+    def __init__(self, layer: nn.Module, index: int, sign: int = 1):
+        super().__init__(layer, sign)
         self.index = index
 
     def forward(self, x: Tensor, calls: tuple[tuple[tuple, dict[str, Any]], ...]) -> Tensor:
@@ -117,7 +118,7 @@ class _Call:
 
 
 class LayerSlot(nn.Module):
-    """Slot ``index`` of a converted layer list (see the module docs). Slot 0 owns the momentum stack
+    """Slot ``index`` of a converted layer list (see the module docs). Slot 0 owns the reversible stack
     (``stack``); the others reach it through slot 0, so that its parameters are registered once."""
 
     def __init__(self, index: int, count: int, name: str, layer_class: str, owner: LayerSlot | None = None,
@@ -248,14 +249,14 @@ def _requested_outputs() -> list[str]:
 
 
 def convert_layer_list(layers: nn.ModuleList, name: str, settings: Any) -> nn.ModuleList:
-    """The list of :class:`LayerSlot` s that runs ``layers`` as one momentum stack (``settings.momentum_net``
+    """The list of :class:`LayerSlot` s that runs ``layers`` as one reversible stack (``settings.stack``
     builds it from the layers' residual functions)."""
     classes = sorted({type(m).__name__ for m in layers})
     problem = layer_list_problem(layers)
     if problem is not None:
         raise ValueError(f"cannot convert {name} (ModuleList of {', '.join(classes)}): {problem}")
     _output_collector()
-    stack = settings.momentum_net([LayerFunction(layer, k) for k, layer in enumerate(layers)])
+    stack = settings.stack([LayerFunction(layer, k, settings.sign) for k, layer in enumerate(layers)])
     first = LayerSlot(0, len(layers), name, classes[0], stack=stack)
     return nn.ModuleList([first, *(LayerSlot(k, len(layers), name, classes[0], owner=first)
                                    for k in range(1, len(layers)))])

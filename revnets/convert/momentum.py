@@ -30,24 +30,46 @@ from torch import Tensor, nn
 from ..autograd import MemoryStrategy, check_mode, checkpoint_call, memory_strategy
 from ..nn.base import ReversibleNet
 from ..nn.momentum import MomentumNet
+from ..nn.twostep import LeapfrogNet, MidpointNet
 from . import huggingface
 from .residual import ResidualFunction
+
+SCHEMES = ("momentum", "midpoint", "leapfrog")
+"""The schemes a converter builds: a Momentum ResNet stack (Sander et al. 2021), or Chang et al.'s (2018)
+Midpoint and Leapfrog networks started at rest (``start="rest"``)."""
+
+DEFAULT_STEP_SIZES = {"midpoint": 0.5, "leapfrog": 1.0}
+"""Step sizes with which a two-step scheme's first step from rest is the original first block."""
 
 
 @dataclass(frozen=True)
 class _Settings:
-    """What every converted stack of one conversion shares: its momentum and its memory strategy."""
+    """What every converted stack of one conversion shares: its scheme (with γ or h) and memory strategy.
 
+    The residual functions are ``f = block − identity``, except for Leapfrog, whose update subtracts
+    ``h²·f``: there ``f = identity − block``, so that with the default ``h`` every scheme's first step
+    from rest is the original first block (``Y_1 = block_0(Y_0)``)."""
+
+    scheme: str
     gamma: float | Fraction
+    h: float
     strategy: MemoryStrategy
 
-    def momentum_net(self, functions: Sequence[nn.Module]) -> MomentumNet:
-        """The momentum stack of ``functions`` (residual functions cut out of blocks)."""
-        return MomentumNet(functions, self.gamma, strategy=self.strategy)
+    @property
+    def sign(self) -> int:
+        """The sign of the residual functions: ``f = sign·(block − identity)``."""
+        return -1 if self.scheme == "leapfrog" else 1
 
-    def residual_stack(self, blocks: Sequence[nn.Module]) -> MomentumNet:
-        """The momentum stack of ``blocks`` computing ``x + F(x)``: ``f = block − identity``."""
-        return self.momentum_net([ResidualFunction(block) for block in blocks])
+    def stack(self, functions: Sequence[nn.Module]) -> ReversibleNet:
+        """The reversible stack of ``functions`` (residual functions cut out of blocks) under the scheme."""
+        if self.scheme == "momentum":
+            return MomentumNet(functions, self.gamma, strategy=self.strategy)
+        net = MidpointNet if self.scheme == "midpoint" else LeapfrogNet
+        return net(functions, h=self.h, start="rest", strategy=self.strategy)
+
+    def residual_stack(self, blocks: Sequence[nn.Module]) -> ReversibleNet:
+        """The reversible stack of ``blocks`` computing ``x + F(x)``: ``f = sign·(block − identity)``."""
+        return self.stack([ResidualFunction(block, sign=self.sign) for block in blocks])
 
 
 class MomentumTransformerEncoder(nn.Module):
@@ -192,7 +214,8 @@ def convert_to_momentum(
     exact: bool = False,
     sub_layers: Sequence[str] | None = None,
 ) -> nn.Module:
-    """A deep copy of ``model`` whose residual stacks are Momentum ResNet stacks.
+    """A deep copy of ``model`` whose residual stacks are Momentum ResNet stacks (Sander et al. 2021):
+    :func:`convert_to_reversible` with ``scheme="momentum"``.
 
     Args:
         model: the model to convert (left unchanged).
@@ -207,23 +230,42 @@ def convert_to_momentum(
         ValueError: a name in ``sub_layers`` is not a submodule, a submodule cannot be converted (the
             message says which and why), or no stack was found.
     """
+    return convert_to_reversible(model, "momentum", gamma=gamma, mode=mode, exact=exact, sub_layers=sub_layers)
+
+
+def convert_to_reversible(
+    model: nn.Module,
+    scheme: str = "momentum",
+    *,
+    gamma: float | Fraction = 0.9,
+    h: float | None = None,
+    mode: str = "reversible",
+    exact: bool = False,
+    sub_layers: Sequence[str] | None = None,
+) -> nn.Module:
+    """A deep copy of ``model`` whose residual stacks are reversible stacks of ``scheme``.
+
+    ``"momentum"``: :class:`~revnets.MomentumNet` with ``gamma`` (γ = 0 reproduces ``model``).
+    ``"midpoint"`` / ``"leapfrog"``: Chang et al.'s (2018) :class:`~revnets.MidpointNet` /
+    :class:`~revnets.LeapfrogNet` started at rest (``Y_{−1} = Y_0``, output ``Y_N``) with step size ``h``
+    (default 0.5 / 1.0, with which the first step is the original first block; the later ones are not the
+    original blocks: such a model is fine-tuned into its new dynamics, as Gal, Haber et al. (2025) do for
+    language models). ``mode``, ``exact`` and ``sub_layers`` as in :func:`convert_to_momentum`.
+
+    Raises:
+        ValueError: an unknown ``scheme``, ``h`` given to the momentum scheme, or what
+            :func:`convert_to_momentum` raises.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    settings = _Settings(gamma, memory_strategy(mode, exact=exact))
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(map(repr, SCHEMES))}; got {scheme!r}")
+    if scheme == "momentum" and h is not None:
+        raise ValueError("h is the step size of the midpoint and leapfrog schemes; the momentum scheme takes gamma")
+    h = DEFAULT_STEP_SIZES.get(scheme, 1.0) if h is None else h
+    settings = _Settings(scheme, gamma, h, memory_strategy(mode, exact=exact))
     converted = copy.deepcopy(model)
-    if sub_layers is None:
-        names = find_residual_stacks(converted)
-        if not names:
-            raise ValueError(
-                f"found no residual stack in {type(model).__name__} (ResNet stages, nn.Transformer*, Hugging Face "
-                "layer lists): name "
-                "the stacks to convert with sub_layers=[...]"
-            )
-    else:
-        if isinstance(sub_layers, str) or not all(isinstance(n, str) for n in sub_layers):
-            raise TypeError(f"sub_layers must be a list of submodule names; got {sub_layers!r}")
-        names = list(sub_layers)
-    for name in names:
+    for name in _names_to_convert(converted, sub_layers):
         try:
             module = converted.get_submodule(name)
         except AttributeError:
@@ -238,3 +280,18 @@ def convert_to_momentum(
         elif replacement is not module:
             converted.set_submodule(name, replacement)
     return converted
+
+
+def _names_to_convert(model: nn.Module, sub_layers: Sequence[str] | None) -> list[str]:
+    """``sub_layers`` checked, or every stack :func:`find_residual_stacks` finds (refusing none)."""
+    if sub_layers is None:
+        names = find_residual_stacks(model)
+        if not names:
+            raise ValueError(
+                f"found no residual stack in {type(model).__name__} (ResNet stages, nn.Transformer*, Hugging Face "
+                "layer lists): name the stacks to convert with sub_layers=[...]"
+            )
+        return names
+    if isinstance(sub_layers, str) or not all(isinstance(n, str) for n in sub_layers):
+        raise TypeError(f"sub_layers must be a list of submodule names; got {sub_layers!r}")
+    return list(sub_layers)

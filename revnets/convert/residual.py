@@ -26,16 +26,20 @@ def fused_attention_fast_path_disabled() -> Iterator[None]:
 
 
 class ResidualFunction(nn.Module):
-    """``f(x, *args, **kwargs) = block(x, *args, **kwargs) − x`` for a block computing ``x + F(x)``.
+    """``f(x, *args, **kwargs) = block(x, *args, **kwargs) − x`` for a block computing ``x + F(x)``
+    (``sign=-1``: ``x − block(x)``, for a scheme that subtracts its function, such as Leapfrog).
 
     Plugged into a momentum step, ``γ = 0`` gives ``x + f(x) = block(x)``: the original block. The
     block's extra arguments (attention masks, encoder memory) are passed through. Shapes: ``x`` and
     ``block(x)`` must agree, which the engine checks at every layer.
     """
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, sign: int = 1):
         super().__init__()
+        if sign not in (1, -1):
+            raise ValueError(f"sign must be 1 or -1; got {sign!r}")
         self.block = block
+        self.sign = sign
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         with fused_attention_fast_path_disabled():
@@ -45,4 +49,4 @@ class ResidualFunction(nn.Module):
                 f"{type(self.block).__name__} returned {type(out).__name__}, not a tensor: only blocks that "
                 "return their output tensor alone can be converted"
             )
-        return out - x
+        return out - x if self.sign == 1 else x - out
