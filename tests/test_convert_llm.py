@@ -230,3 +230,22 @@ def test_bad_schemes_are_refused():
         revnets.convert_to_reversible(build("llama"), "euler")
     with pytest.raises(ValueError, match="the momentum scheme takes gamma"):
         revnets.convert_to_reversible(build("llama"), "momentum", h=0.5)
+
+
+def test_bf16_autocast_reversible_error_is_within_the_precision_s_own():
+    """Under bfloat16 autocast the reversible backward's gradients differ from autograd mode's (both
+    bfloat16) by less than bfloat16 itself differs from float32 (the reconstructed states are rounded)."""
+    model = revnets.convert_to_momentum(build("llama"), 0.9)
+    ids, params = token_ids(), [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(mode: str, precision: torch.dtype | None) -> torch.Tensor:
+        revnets.set_mode(model, mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision is not None):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    reversible, autograd = gradients("reversible", torch.bfloat16), gradients("autograd", torch.bfloat16)
+    float32 = gradients("autograd", None)
+    reversible_error = float((reversible - autograd).norm() / autograd.norm())
+    precision_error = float((autograd - float32).norm() / float32.norm())
+    assert 0 < precision_error and reversible_error <= 1.5 * precision_error, (reversible_error, precision_error)
