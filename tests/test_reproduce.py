@@ -3,6 +3,7 @@ the results.json schema, and the errors for bad names and missing data directori
 
 import json
 import math
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -13,7 +14,8 @@ from revnets.experiments.base import format_table, summary_entry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXPECTED = ["rings", "cubic", "linear", "l2o", "memory", "gamma", "small-data", "deep", "finetune", "cifar"]
+EXPECTED = ["rings", "cubic", "linear", "l2o", "memory", "gamma", "small-data", "deep", "finetune", "cifar",
+            "lm-finetune"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -51,6 +53,29 @@ def test_every_experiment_runs_under_smoke(name, tmp_path):
     # the figure can be redrawn from results.json alone
     redrawn = get_experiment(name).plot(load_results(tmp_path / "results.json"), tmp_path / "again")
     assert redrawn.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_lm_finetune_smoke_has_every_contender_with_finite_losses(tmp_path):
+    record = reproduce("lm-finetune", tmp_path, smoke=True, seeds=1)
+    contenders = ["original", "checkpointed", "momentum", "midpoint", "leapfrog"]
+    assert list(record["summary"]) == contenders
+    details = record["details"]
+    steps = record["config"]["finetune_steps"]
+    for name in contenders:
+        assert record["summary"][name]["metric"] == "eval_loss"
+        (train,), (evals,) = details["train_loss"][name], details["eval_loss"][name]
+        assert len(train) == steps and len(evals) == len(details["eval_steps"])
+        assert all(math.isfinite(v) and v > 0 for v in [*train, *evals])
+        assert details["memory_mib"][name] > 0
+    # the checkpointed original computes the original: same losses; both start from the same weights
+    assert details["eval_loss"]["checkpointed"][0] == pytest.approx(details["eval_loss"]["original"][0], rel=1e-4)
+    assert details["memory_fraction"]["original"] == 1
+
+
+def test_lm_finetune_without_transformers_names_the_hf_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(ValueError, match=r"revnets\[hf\]"):
+        reproduce("lm-finetune", tmp_path, smoke=True)
 
 
 def test_cli_reproduce_rings_two_rings(tmp_path):

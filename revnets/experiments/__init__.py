@@ -16,6 +16,7 @@ from . import small_data as _small_data  # noqa: F401
 from . import deep as _deep  # noqa: F401
 from . import finetune as _finetune  # noqa: F401
 from . import cifar as _cifar  # noqa: F401
+from . import lm_finetune as _lm_finetune  # noqa: F401
 # isort: on
 from .base import Experiment as Experiment
 from .base import format_table as format_table
