@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..training import RECIPES, Interrupted, RunDirectoryError, TrainConfig, resolve, summary_table
 from ..training.checkpoint import NEW_RUN_DIR
-from ..training.config import FIELD_TYPES
+from ..training.config import field_type
 from ..training.distributed import launched_by_torchrun
 from ..training.loop import Trainer, resumed_trainer
 
@@ -46,10 +46,7 @@ _EXTRA_OPTIONS: dict[str, tuple[type, Any]] = {
 
 def _field_option(spec: dataclasses.Field) -> tuple[type, Any]:
     """The command-line type and ``typer.Option`` of a :class:`TrainConfig` field."""
-    annotation = FIELD_TYPES[spec.name]
-    arguments = typing.get_args(annotation)
-    if type(None) in arguments:
-        (annotation,) = (arg for arg in arguments if arg is not type(None))
+    annotation, _ = field_type(spec.name)
     metadata = spec.metadata
     shown = metadata["shown"] or str(spec.default)
     if annotation is bool:

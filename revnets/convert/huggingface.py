@@ -178,7 +178,7 @@ class LayerSlot(nn.Module):
                 self._records_graph_to_rerun(hidden_states):
             raise self._refuse(
                 "with a key/value cache (use_cache=True or past_key_values) while recording a graph",
-                f"the {self.stack_mode()} backward runs the layers again (on inputs rebuilt by inversion), which "
+                f"the {self.stack.mode} backward runs the layers again (on inputs rebuilt by inversion), which "
                 "would write the cache twice; pass use_cache=False to the model (or set model.config.use_cache = "
                 "False) for training, and generate under torch.no_grad() or torch.inference_mode(), where "
                 "caches are allowed",
@@ -196,9 +196,6 @@ class LayerSlot(nn.Module):
                 "the momentum stack already frees its activations; turn checkpointing off "
                 "(model.activation_checkpointing_disable(), formerly gradient_checkpointing_disable())",
             )
-
-    def stack_mode(self) -> str:
-        return self.stack.mode
 
     def _records_graph_to_rerun(self, hidden_states: Tensor) -> bool:
         """Whether this call records a graph whose backward runs the layers again (not plain autograd)."""

@@ -157,16 +157,22 @@ def checked_options(data: dict[str, Any]) -> dict[str, Any]:
     return {key: checked_value(key, value) for key, value in data.items()}
 
 
+def field_type(name: str) -> tuple[Any, bool]:
+    """The type field ``name`` holds (``X`` of ``X | None``) and whether it may be ``None``."""
+    annotation = FIELD_TYPES[name]
+    optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
+    if optional:
+        (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation, optional
+
+
 def checked_value(name: str, value: Any) -> Any:
     """``value`` as field ``name`` holds it, or a :class:`ValueError` naming the field and what it accepts.
 
     Numbers written as strings are read as numbers (YAML 1.1 reads ``5e-4`` as a string); a list of
     milestones may be a comma-separated string; a choice may be written as a number (``precision: 32``).
     """
-    annotation = FIELD_TYPES[name]
-    optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
-    if optional:
-        (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
+    annotation, optional = field_type(name)
     if value is None and (optional or FIELDS[name].default is None):
         return None
     choices = FIELDS[name].metadata["choices"]
