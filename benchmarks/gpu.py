@@ -128,7 +128,7 @@ def git_commit() -> str | None:
 def source_digest() -> str:
     """sha256 (16 hex digits) of revnets/ and benchmarks/ sources: which code ran, even without git."""
     digest = hashlib.sha256()
-    for path in sorted([*REPO.glob("revnets/**/*.py"), *REPO.glob("revnets/**/*.c"), *HERE.glob("**/*.py")]):
+    for path in sorted([*REPO.glob("revnets/**/*.py"), *REPO.glob("revnets/**/*.cpp"), *HERE.glob("**/*.py")]):
         if ".peers-venv" not in path.parts:
             digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]

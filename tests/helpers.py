@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 import revnets
 
+NO_KERNELS = "exact mode's operators were not built (no C++ compiler or ninja): only the separate operations run"
+
 ARCHITECTURES = ("MomentumNet", "RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet")
 """The five architectures, by class name (use as a pytest parametrisation list)."""
 

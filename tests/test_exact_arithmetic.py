@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from helpers import NO_KERNELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -424,7 +425,7 @@ def test_check_range() -> None:
 # --- the fused kernels of scale_add_exact / unscale_sub_exact --------------------------------------
 
 needs_kernels = pytest.mark.skipif(kernels.cpu_kernels() is None,
-                                   reason="no C compiler: only the separate operations run")
+                                   reason=NO_KERNELS)
 
 
 def separately(function, *args, **kwargs):

@@ -19,7 +19,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from helpers import assemble, mlp, scheme_options
+from helpers import NO_KERNELS, assemble, mlp, scheme_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -369,7 +369,7 @@ def test_exact_state_is_not_shared_between_copies():
     assert net.forward_exact(net.exact_state(x)).equal(other.forward_exact(other.exact_state(x)))
 
 
-@pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C compiler: only the separate operations run")
+@pytest.mark.skipif(kernels.cpu_kernels() is None, reason=NO_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_and_separate_arithmetic_give_the_same_bits(dtype, monkeypatch):
     """MomentumNet's contraction runs in the fused kernels; without them, the same states and gradients."""
@@ -390,7 +390,7 @@ def test_fused_and_separate_arithmetic_give_the_same_bits(dtype, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
 
 
-@pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C compiler: only the separate operations run")
+@pytest.mark.skipif(kernels.cpu_kernels() is None, reason=NO_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_view_made_with_a_copy_update_is_handed_out_once(dtype):
     """``x ← x + v`` makes the view of the new x in the same pass; the next view of that x is it, once

@@ -16,7 +16,6 @@ stay below ``2^62`` and conversions to ``float64`` are exact. Any value outside 
 
 from __future__ import annotations
 
-import ctypes
 import math
 import numbers
 import warnings
@@ -25,7 +24,7 @@ from fractions import Fraction
 import torch
 
 from .buffer import MAX_DENOMINATOR, InformationBuffer, floor_divmod
-from .kernels import fused_kernel, integer_kernel, run_kernel
+from .kernels import fused_kernel, integer_kernel
 
 __all__ = [
     "FRAC_BITS_DEFAULT",
@@ -161,8 +160,8 @@ def quantize(x: torch.Tensor, frac_bits: int, *, what: str = "value", gain: floa
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Return ``q / 2^F`` as ``dtype``, rounded once (deterministic): ``fl(fl(q)·2^-F)``, ``q`` rounded to
     ``dtype`` and multiplied by ``2^-F`` taken in ``dtype`` (exact unless it underflows). On a
-    contiguous CPU tensor and float32 or float64, one pass of a compiled kernel (see
-    :func:`~revnets.autograd.kernels.cpu_kernels`), with the same bits.
+    contiguous CPU tensor and float32 or float64, one pass of a compiled operator
+    (``torch.ops.revnets.exact_view``, see :func:`~revnets.autograd.kernels.cpu_kernels`), with the same bits.
 
     Args:
         q: int64 fixed-point integers of any shape, ``|q| ≤ 2^53`` for an exact float64 step.
@@ -172,9 +171,7 @@ def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Ten
     _check_frac_bits(frac_bits)
     kernel = integer_kernel("view", dtype, q)
     if kernel is not None:  # the same two steps in one pass
-        view = torch.empty_like(q, dtype=dtype)
-        kernel(q.numel(), q.data_ptr(), 2.0**-frac_bits, view.data_ptr())
-        return view
+        return kernel(q, 2.0**-frac_bits, dtype)
     # Rounding to dtype commutes with the exact scaling by 2^-F: one rounding, as in float64 then dtype.
     return q.to(dtype).mul_(2.0**-frac_bits)
 
@@ -290,9 +287,9 @@ def add_exact(
     ``dequantize(q', frac_bits, dtype)`` where it comes from the same pass.
 
     On contiguous CPU tensors of one shape and a float32 or float64 ``dtype`` one pass of a compiled
-    kernel (see :func:`~revnets.autograd.kernels.cpu_kernels`) computes ``q'``, its view
-    ``fl(fl(q')·2^-F)`` and its extremes; elsewhere the torch operation runs and the view is ``None``
-    (not computed). The same integers either way (wrapping as int64 arithmetic does).
+    operator (``torch.ops.revnets.exact_add``, see :func:`~revnets.autograd.kernels.cpu_kernels`)
+    computes ``q'``, its view ``fl(fl(q')·2^-F)`` and its extremes; elsewhere the torch operation runs
+    and the view is ``None`` (not computed). The same integers either way (wrapping as int64 arithmetic does).
 
     Args:
         q, increment: int64 tensors.
@@ -307,15 +304,15 @@ def add_exact(
     Raises:
         OverflowError: ``what`` is given and some ``|q'| > 2^46``.
     """
-    kernel = integer_kernel("sub" if subtract else "add", dtype, q, increment)
+    kernel = integer_kernel("add", dtype, q, increment)
     if kernel is None:
         new = q - increment if subtract else q + increment
         if what is not None:
             check_range(new, what=what)
         return new, None
-    new, view, stats = torch.empty_like(q), torch.empty_like(q, dtype=dtype), (ctypes.c_int64 * 2)()
-    kernel(q.numel(), q.data_ptr(), increment.data_ptr(), 2.0**-frac_bits, new.data_ptr(), view.data_ptr(), stats)
-    if what is not None and not (-SAFE_LIMIT <= stats[0] and stats[1] <= SAFE_LIMIT):
+    new, view, stats = kernel(q, increment, 2.0**-frac_bits, subtract, dtype)
+    low, high = stats.tolist()
+    if what is not None and not (-SAFE_LIMIT <= low and high <= SAFE_LIMIT):
         check_range(new, what=what)  # raises, with its message
     return new, view
 
@@ -328,7 +325,8 @@ def scale_add_exact(
 
     The same integers, buffer and errors as those operations one after the other. For a contraction
     ``0 < |n| < d`` on contiguous CPU tensors (float32 or float64 increment) it is one pass of a
-    compiled kernel (see :func:`~revnets.autograd.kernels.cpu_kernels`): per element ``r = h mod n``, ``a = q·n + r``,
+    compiled operator (``torch.ops.revnets.exact_scale_add``, see
+    :func:`~revnets.autograd.kernels.cpu_kernels`): per element ``r = h mod n``, ``a = q·n + r``,
     ``q' = ⌊a/d⌋ + round(fl(gain·u)·2^F)``, ``h ↦ ⌊h/n⌋·d + (a mod d)``, with the range checks of
     :func:`quantize` and :func:`check_range` reduced in the same pass; elsewhere the separate torch
     operations run.
@@ -351,8 +349,8 @@ def scale_add_exact(
     n, d = _ratio_parts(ratio, q, buffer)
     kernel = fused_kernel("apply", q, buffer.head, increment, n, d)
     if kernel is not None:
-        new, head, (bad, low, high, top) = run_kernel(kernel, q, buffer.head, increment,
-                                                       float(gain) * float(1 << frac_bits), n, d, 4)
+        new, head, stats = kernel(q, buffer.head, increment, float(gain) * float(1 << frac_bits), n, d)
+        bad, low, high, top = stats.tolist()
         if not bad and -SAFE_LIMIT <= low and high <= SAFE_LIMIT:
             return new, buffer._pushed(head, top)
     # the separate operations: elsewhere, and to raise the error the kernel found, naming its cause
@@ -370,7 +368,8 @@ def unscale_sub_exact(
     ratio, buffer)`` (for ``ratio = 1``, just the difference).
 
     The same integers, buffer and errors as those operations one after the other; for a contraction
-    on contiguous CPU tensors whose last push spilled nothing, one pass of a compiled kernel: per
+    on contiguous CPU tensors whose last push spilled nothing, one pass of a compiled operator
+    (``torch.ops.revnets.exact_unscale_sub``): per
     element ``a = (q − round(fl(gain·u)·2^F))·d + (h mod d)``, ``q ↦ ⌊a/n⌋``,
     ``h ↦ ⌊h/d⌋·n + (a mod n)``, with the range checks of :func:`unscale_exact` reduced in the same pass.
 
@@ -388,8 +387,8 @@ def unscale_sub_exact(
     n, d = _ratio_parts(ratio, q, buffer)
     kernel = fused_kernel("undo", q, buffer.head, increment, n, d)
     if kernel is not None and buffer.depth > 0 and (buffer.top is None or buffer.top.push_index != buffer.depth):
-        old, head, (bad, *extremes) = run_kernel(kernel, q, buffer.head, increment,
-                                                  float(gain) * float(1 << frac_bits), n, d, 5)
+        old, head, stats = kernel(q, buffer.head, increment, float(gain) * float(1 << frac_bits), n, d)
+        bad, *extremes = stats.tolist()
         if not bad and -SAFE_LIMIT <= min(extremes) and max(extremes) <= SAFE_LIMIT:
             return old, InformationBuffer(head, buffer.top, buffer.depth - 1)
     old = q - quantize(increment, frac_bits, gain=gain, what=what)
