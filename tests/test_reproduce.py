@@ -164,7 +164,8 @@ def test_results_record_the_command_as_typed(tmp_path, args, command):
     ([0.9582], "test_accuracy", "95.82 %"),  # one seed: no "± 0"
     ([0.9, 0.95, 0.97], "test_accuracy", "94.0 ± 3.6 %"),  # mean to the std's decimal place
     ([1.23456, 1.23466], "loss", "1.234610 ± 0.000071"),
-    ([0.5, 0.5], "loss", "0.5"),
+    ([0.5, 0.5], "loss", "0.5 ± 0"),
+    ([354 / 359] * 3, "test_accuracy", "98.61 ± 0 %"),  # equal seeds whose mean rounds: no "± 0.00000000"
 ])
 def test_the_table_gives_mean_and_std_to_the_same_precision(per_seed, metric, shown):
     table = format_table({"net": summary_entry(metric, per_seed)})

@@ -177,14 +177,16 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 def _mean_std(entry: dict[str, Any]) -> str:
     """``mean ± std`` with the std to two significant digits and the mean to the same decimal place;
-    the value alone for one seed (a std of one value means nothing); accuracies in %."""
+    the value alone for one seed (a std of one value means nothing), ``± 0`` when the seeds agree; accuracies in %."""
     mean, std = entry["mean"], entry["std"]
     if mean is None:
         return "n/a"
     scale, unit = (100, " %") if "accuracy" in entry["metric"] else (1, "")
     mean, std = scale * mean, scale * (std or 0.0)
-    if len(entry["per_seed"]) < 2 or std == 0:
+    if len(entry["per_seed"]) < 2:
         return f"{mean:.4g}{unit}"
+    if std <= 1e-9 * max(abs(mean), 1.0):  # equal seeds up to the rounding of the mean's own sum
+        return f"{mean:.4g} ± 0{unit}"
     decimals = min(max(1 - math.floor(math.log10(std)), 0), 8)
     if abs(mean) >= 1e5 or abs(mean) < 10 ** -decimals:
         return f"{mean:.3e} ± {std:.2g}{unit}"
