@@ -114,6 +114,7 @@ class ChunkBackward:
                     self.layer_pass.inverse(chunk.stack.layers[local:end], k, finite_tensors, finite_buffers,
                                             during="when re-evaluated in the backward")
                 checked = (local, tuple(tensors), tuple(buffers))
+            del increments  # the functions' values: not held while the next layer is re-evaluated
 
     def _undo(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int) -> Tensor | None:
         """Undo one update of layer ``k`` (``local`` in the chunk) and pass its gradient on; returns the
