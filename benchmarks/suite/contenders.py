@@ -27,6 +27,9 @@ with its input and output gradient), or says why it does not apply to that workl
     (the min-cut partitioner recomputes activations to keep that fraction of them).
 ``revnets-autograd``, ``revnets-reversible``, ``revnets-checkpoint``, ``revnets-exact``, ``revnets@b``
     ``revnets.MomentumNet`` / ``revnets.HamiltonianNet`` in each mode, and with ``memory_budget=b``.
+``compile-reversible``, ``compile-exact``
+    ``torch.compile`` (the suite's backend) of ``revnets-reversible`` / ``revnets-exact``: the model compiled
+    as a user compiles it, the stack's functions compiled inside the engine.
 ``momentumnet``, ``revlib``, ``memcnn``
     The PyPI peers (imported only when built; they run in the peers' environment, see
     :mod:`.peers`): ``momentumnet.MomentumNet(use_backprop=False)`` (momentum scheme only);
@@ -235,6 +238,13 @@ def _compiled(budget: float):
     return make
 
 
+def _compiled_revnets(exact: bool):
+    def make(stack: Stack, options: dict) -> nn.Module:
+        return torch.compile(_revnets(exact=exact)(stack, options), backend=options.get("compile_backend", "inductor"))
+
+    return make
+
+
 def _momentumnet(stack: Stack, options: dict) -> nn.Module:
     import momentumnet
 
@@ -282,6 +292,9 @@ def registry() -> dict[str, Contender]:
         Contender("revnets-exact", "revnets exact=True", "revnets", _revnets(exact=True)),
         *(Contender(f"revnets@{_budget_name(b)}", f"revnets memory_budget={b:g}", "revnets", _revnets(budget=b))
           for b in BUDGETS),
+        Contender("compile-reversible", 'torch.compile(revnets mode="reversible")', "revnets",
+                  _compiled_revnets(exact=False)),
+        Contender("compile-exact", "torch.compile(revnets exact=True)", "revnets", _compiled_revnets(exact=True)),
         Contender("momentumnet", "momentumnet use_backprop=False", "peer", _momentumnet, schemes=("momentum",)),
         Contender("revlib", "revlib ReversibleSequential (additive, 2 streams)", "peer", _revlib,
                   same_scheme=False, two_stream=True),

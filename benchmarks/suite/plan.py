@@ -6,11 +6,12 @@ contenders in the list's order rotated by k; the peers' calls go to their worker
 rotation), then one memory measurement per contender. Raw times are kept in the JSON; ratios and
 verdicts are computed from them by :mod:`.report`.
 
-Sections: ``targets`` (the issue's speed targets), ``depth`` / ``batch`` / ``width`` sweeps of the MLP
-stack, ``pareto`` (time vs memory over memory budgets), ``budget`` (largest batch in a memory
-budget), ``workloads`` (Momentum ResNet, Hamiltonian, Momentum Transformer), ``zoo`` (model-zoo
-memory and the converted ``nn.TransformerEncoder``), ``exact_buffer`` (exact mode's information
-buffer per layer against its floor log2(1/γ)).
+Sections: ``targets`` (the issue's speed targets), ``compiled`` (``torch.compile`` of the model:
+revnets' reversible and exact stacks against the compiled plain loop), ``depth`` / ``batch`` /
+``width`` sweeps of the MLP stack, ``pareto`` (time vs memory over memory budgets), ``budget``
+(largest batch in a memory budget), ``workloads`` (Momentum ResNet, Hamiltonian, Momentum
+Transformer), ``zoo`` (model-zoo memory and the converted ``nn.TransformerEncoder``),
+``exact_buffer`` (exact mode's information buffer per layer against its floor log2(1/γ)).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ BUDGET_CONTENDERS = ["loop", "torch-checkpoint", "revnets-reversible", "revnets-
 TIMING_SPEC = Spec("mlp", 64, 256, 512)
 """The issue's main configuration: W = 256, B = 512, depth 64."""
 BUDGET_SPEC = Spec("mlp", 64, 256, 256)
-SECTIONS = ("targets", "depth", "batch", "width", "pareto", "budget", "workloads", "zoo", "exact_buffer")
+COMPILED_CONTENDERS = ["loop", "compile@1", "revnets-reversible", "compile-reversible", "revnets-exact",
+                       "compile-exact"]
+COMPILED_SPEC = Spec("mlp", 32, 256, 512)
+"""The compiled section's workload: W = 256, B = 512, depth 32."""
+SECTIONS = ("targets", "compiled", "depth", "batch", "width", "pareto", "budget", "workloads", "zoo", "exact_buffer")
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Config:
     allocator_check: bool = False
     sections: tuple[str, ...] = SECTIONS
     targets: tuple[Spec, ...] = (TIMING_SPEC, Spec("mlp", 64, 64, 64))
+    compiled: Spec = COMPILED_SPEC
     depths: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
     sweep_width: int = 64
     sweep_batch: int = 64
@@ -156,6 +162,10 @@ class Runner:
 
     def targets(self) -> list[dict]:
         return [self.compare(spec, TARGET_CONTENDERS) for spec in self.cfg.targets]
+
+    def compiled(self) -> list[dict]:
+        """``torch.compile`` of the model: the plain loop, revnets reversible and exact, each compiled and not."""
+        return [self.compare(self.cfg.compiled, COMPILED_CONTENDERS)]
 
     def _sweep(self, specs) -> list[dict]:
         return [self.compare(spec, SWEEP_CONTENDERS) for spec in specs]

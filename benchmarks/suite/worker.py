@@ -7,7 +7,7 @@ still take part in the same interleaved trials (each side times its own calls: t
 the numbers). Both answer:
 
 * ``setup(spec, names)``: build the stack and the named contenders, run each once (a failure is
-  returned as that contender's error, with its cause, not raised); ``compile@…`` contenders are
+  returned as that contender's error, with its cause, not raised); ``compile…`` contenders are
   compiled here (two calls);
 * ``trial(name)``: seconds of one step;
 * ``memory(name)``: :func:`.measure.memory`, plus ``grad_rel_error`` against the plain loop of the
@@ -63,7 +63,7 @@ class LocalWorker:
                 continue
             try:
                 instance = contender.build(stack, self.options)
-                for _ in range(2 if name.startswith("compile@") else 1):
+                for _ in range(2 if name.startswith("compile") else 1):
                     measure.time_step(instance, self.device)
                 self.instances[name] = instance
                 errors[name] = None
@@ -88,7 +88,7 @@ class LocalWorker:
         contender = registry()[name]
         # Compiled graphs are also measured at the allocator: the dispatch-mode tracker may not see
         # inside them the way it sees eager code.
-        allocator = allocator or name.startswith("compile@")
+        allocator = allocator or name.startswith("compile")
         result, grads = measure.memory(self.instances[name], self.device, allocator)
         if contender.same_scheme and grads is not None and name != "loop":
             reference = self._reference_grads()

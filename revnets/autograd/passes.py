@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from torch import Tensor
 
 from ..steps.base import State, Step, Update
 from .arithmetic import Arithmetic, FloatArithmetic
+from .compiled import function_caller
 from .replay import LayerSeeds
 from .stack import Functions
 
@@ -37,6 +39,8 @@ class LayerPass:
         arithmetic: floating point or fixed point (:mod:`revnets.autograd.arithmetic`).
         seeds: if given, the generators are seeded before each update that calls functions, so that a
             recomputation draws the forward's random numbers; the caller enters ``seeds.forked()``.
+        compiler: if given, the key of a ``torch.compile`` backend (:func:`~revnets.autograd.compiled.outer_backend`):
+            the functions are called compiled with it.
     """
 
     step: Step
@@ -44,12 +48,15 @@ class LayerPass:
     kwargs: dict[str, Any]
     arithmetic: Arithmetic
     seeds: LayerSeeds | None = None
+    compiler: int | None = None
 
     def evaluate(self, k: int, j: int, update: Update, views: Sequence[Tensor], functions: Functions) -> Tensor:
         """``u(views)`` of update ``j`` at layer ``k``: the layer's ``functions`` called on ``views`` (the
         state's floating-point views; the target's is hidden from ``u``), after seeding the generators."""
         if self.seeds is not None and update.calls_functions:
             self.seeds.seed(k, j)
+        if self.compiler is not None and update.calls_functions:
+            functions = [partial(function_caller(self.compiler, type(f)), f) for f in functions]
         return update.increment(views, functions, self.args, self.kwargs, where=f"layer {k}")
 
     def increment(self, k: int, j: int, update: Update, tensors: Sequence[Tensor], functions: Functions) -> Tensor:

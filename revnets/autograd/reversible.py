@@ -78,6 +78,8 @@ class Chunk:
         first: the number of the chunk's first layer in the whole stack.
         norm_modules: the normalisation layers whose running statistics recomputation must not update.
         keep_input: the chunk is the first and the stack's input state is kept (floating point only).
+        compiler: under ``torch.compile``, the key of the model's backend: the functions run compiled with it
+            (:mod:`revnets.autograd.compiled`).
     """
 
     stack: Stack
@@ -91,6 +93,7 @@ class Chunk:
     first: int = 0
     norm_modules: tuple = ()
     keep_input: bool = False
+    compiler: int | None = None
 
     def parameters_changed(self) -> bool:
         """Whether the chunk's trainable parameters are no longer the tensors recorded by the forward."""
@@ -140,7 +143,7 @@ class ReversibleFunction(torch.autograd.Function):
                 tensors, buffers = exact.tensors, exact.buffers
             else:  # continue bit for bit from the previous chunk, not from its dequantised output
                 (tensors, buffers), chain.forward_state = chain.forward_state, None
-        layer_pass = LayerPass(step, args, kwargs, arithmetic, chunk.seeds)
+        layer_pass = LayerPass(step, args, kwargs, arithmetic, chunk.seeds, chunk.compiler)
         with chunk.seeds.forked():
             tensors, buffers = layer_pass.forward(chunk.stack.layers, chunk.first, tensors, buffers)
             if chain.non_finite is None and not arithmetic.all_finite(tensors):
@@ -169,8 +172,8 @@ class ReversibleFunction(torch.autograd.Function):
         arg_leaves = tuple(a.detach().requires_grad_() if ctx.needs_input_grad[offset + i] else a.detach()
                            for i, a in enumerate(arg_tensors))
         args, kwargs = chunk.arguments.rebuild(arg_leaves)
-        backward = ChunkBackward(chunk, LayerPass(chunk.stack.step(), args, kwargs, ctx.arithmetic, chunk.seeds),
-                                 tensors, buffers, list(output_grads), arg_leaves, kept_input)
+        layer_pass = LayerPass(chunk.stack.step(), args, kwargs, ctx.arithmetic, chunk.seeds, chunk.compiler)
+        backward = ChunkBackward(chunk, layer_pass, tensors, buffers, list(output_grads), arg_leaves, kept_input)
         del output_grads, tensors, buffers  # the backward's lists own the state: rewritten layer by layer
         with ctx.autocast.restored(), chunk.seeds.forked(), preserved_running_stats(chunk.norm_modules):
             backward.run()
@@ -232,12 +235,13 @@ class SavedOutput(torch.autograd.Function):
 
 @torch.compiler.disable
 def run_reversible(call: StackCall, *, frac_bits: int | None = None, keep_input: bool = False,
-                   seeds: LayerSeeds | None = None) -> State:
+                   seeds: LayerSeeds | None = None, compiler: int | None = None) -> State:
     """The reversible (``frac_bits``: exact) strategy on a call that records a graph, run eagerly:
     ``torch.compile`` breaks the graph here, once per stack, since the RNG snapshots and the hand-written
-    backward of :class:`ReversibleFunction` are not traceable; the functions inside run uncompiled.
-    One autograd node per chunk of layers (:func:`chunk_ranges`); ``seeds``: the call's random-number
-    replay if already drawn."""
+    backward of :class:`ReversibleFunction` are not traceable; the functions inside run compiled with the
+    model's backend (``compiler``, the key of :func:`~revnets.autograd.compiled.outer_backend`, given by a
+    caller Dynamo traced). One autograd node per chunk of layers (:func:`chunk_ranges`); ``seeds``: the
+    call's random-number replay if already drawn."""
     stack, state = call.stack, call.state
     seeds = LayerSeeds.draw(accelerator_devices(state)) if seeds is None else seeds
     params, layer_params = stack.parameters()
@@ -249,6 +253,6 @@ def run_reversible(call: StackCall, *, frac_bits: int | None = None, keep_input:
         chunk_params = tuple(params[i] for i in used)
         chunk = Chunk(part, len(state), call.arguments, chunk_params,
                       tuple(tuple(local[i] for i in indices) for indices in layer_params[first:end]), frac_bits, seeds,
-                      chain, first, part.norm_modules(), keep_input and frac_bits is None and first == 0)
+                      chain, first, part.norm_modules(), keep_input and frac_bits is None and first == 0, compiler)
         state = ReversibleFunction.apply(chunk, *state, *call.arguments.tensors, *chunk_params)
     return SavedOutput.apply(chain, len(stack.layers), *state)

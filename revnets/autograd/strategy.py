@@ -27,6 +27,7 @@ import torch
 from ..steps.base import State
 from .arithmetic import ExactState
 from .checkpointing import checkpoint_layers, checkpoint_layers_eagerly
+from .compiled import outer_backend
 from .engine import autograd_layers, forward_without_graph, run_exact
 from .exact import FRAC_BITS_DEFAULT
 from .replay import LayerSeeds, accelerator_devices
@@ -123,14 +124,16 @@ class Reversible(MemoryStrategy):
         if not call.needs_graph:
             return forward_without_graph(call)
         kept = round(self.memory_budget * len(call.stack.layers))
+        compiler = outer_backend() if torch.compiler.is_compiling() else None
         if not kept:
-            return run_reversible(call, keep_input=keep_input)
+            return run_reversible(call, keep_input=keep_input, compiler=compiler)
         inverted = len(call.stack.layers) - kept
         # one seed for both parts: the random numbers of memory_budget=0 (none under torch.compile)
         seeds = None if torch.compiler.is_compiling() else LayerSeeds.draw(accelerator_devices(call.state))
         state = call.state
         if inverted:
-            state = run_reversible(call.on(call.stack.part(0, inverted), state), keep_input=keep_input, seeds=seeds)
+            state = run_reversible(call.on(call.stack.part(0, inverted), state), keep_input=keep_input, seeds=seeds,
+                                   compiler=compiler)
         return autograd_layers(call.on(call.stack, state), first=inverted, seeds=seeds)
 
 
@@ -157,7 +160,8 @@ class Exact(MemoryStrategy):
 
     def run(self, call: StackCall, *, keep_input: bool = False) -> State:
         if call.needs_graph:
-            return run_reversible(call, frac_bits=self.frac_bits)
+            compiler = outer_backend() if torch.compiler.is_compiling() else None
+            return run_reversible(call, frac_bits=self.frac_bits, compiler=compiler)
         start = ExactState.from_float(call.state, self.frac_bits)
         return run_exact(call.stack, start, call.arguments.args, call.arguments.kwargs).to_float()
 
