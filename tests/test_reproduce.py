@@ -6,6 +6,7 @@ import math
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from revnets.cli.app import app
@@ -154,10 +155,22 @@ def test_cli_out_is_never_a_file_or_a_foreign_folder(tmp_path):
     (["demo", "--smoke"], "revnets demo --smoke"),
     (["demo", "--smoke", "--seeds", "1"], "revnets demo --seeds 1 --smoke"),
     (["reproduce", "rings", "--smoke"], "revnets reproduce rings --smoke"),
+    (["reproduce", "cubic", "--smoke", "--threads", "2"], "revnets reproduce cubic --threads 2 --smoke"),
 ])
 def test_results_record_the_command_as_typed(tmp_path, args, command):
     assert CliRunner().invoke(app, [*args, "--out", str(tmp_path)]).exit_code == 0
     assert json.loads((tmp_path / "results.json").read_text())["command"] == command
+
+
+def test_threads_option_reaches_the_experiment_and_is_restored(tmp_path):
+    before = torch.get_num_threads()
+    result = CliRunner().invoke(app, ["reproduce", "lm-finetune", "--smoke", "--threads", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["threads"] == 2 and record["environment"]["threads"] == 2
+    assert torch.get_num_threads() == before
+    refused = CliRunner().invoke(app, ["reproduce", "cubic", "--smoke", "--threads", "0", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and "--threads" in refused.output
 
 
 @pytest.mark.parametrize(("per_seed", "metric", "shown"), [

@@ -48,13 +48,17 @@ def reproduce(
     smoke: bool = typer.Option(False, help="Tiny settings that run in seconds (for tests), not the paper's."),
     rings: int = typer.Option(None, help="rings only: number of rings, 2 or 4 (the figure uses 4)."),
     data_dir: Path = typer.Option(None, help="Dataset folder (cifar, finetune; small-data: CIFAR-10/STL-10)."),
+    threads: int = typer.Option(None, min=1, help="Intra-op CPU threads (torch.set_num_threads) while it runs; "
+                                "default: the experiment's own (1 for most: on a shared machine more threads wait "
+                                "on each other)."),
 ) -> None:
     """Reproduce one experiment of the papers: writes a figure and results.json into --out and prints a table."""
     try:
         get_experiment(name)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="NAME") from None
-    options = {"seeds": seeds, "rings": rings, "data_dir": None if data_dir is None else str(data_dir)}
+    options = {"seeds": seeds, "rings": rings, "data_dir": None if data_dir is None else str(data_dir),
+               "threads": threads}
     command = _command(["revnets", "reproduce", name], {**options, "smoke": smoke})
     _run(name, out or _default_out(name), smoke, command, overwrite, **options)
 
