@@ -92,3 +92,26 @@ def test_a_nan_in_a_later_chunk_is_named_exactly(monkeypatch):
     out = revnets.MomentumNet(functions, gamma=0.9)(torch.randn(2, 4, requires_grad=True))
     with pytest.raises(FloatingPointError, match=r"first became non-finite at layer 13 "):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("arch", ["MomentumNet", "RevNet"])
+def test_chunks_add_nothing_to_the_backward_peak(arch, monkeypatch):
+    """Each chunk gets its output gradients through the chain, not from autograd (which would hold them until
+    the chunk's backward returns): split into one-layer chunks, the backward peaks no higher than as one node,
+    where the state (4096 × 8 per component) outweighs the parameters."""
+    from revnets.memory import StorageTracker
+
+    def backward_peak():
+        torch.manual_seed(3)
+        net = make_net(arch, depth=6, width=8, dtype=torch.float32)
+        x = torch.randn(4096, 8, requires_grad=True)
+        with StorageTracker() as tracker:
+            out = net(x)
+            tracker.reset_peak()
+            out.backward(torch.ones_like(out))
+        return tracker.peak_bytes - tracker.live_bytes
+
+    whole = backward_peak()
+    monkeypatch.setattr(reversible, "CHUNK_PARAMETERS", 1)
+    state = 4096 * 8 * 4
+    assert backward_peak() <= whole + state // 4, (backward_peak() / state, whole / state)

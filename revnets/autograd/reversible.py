@@ -51,9 +51,13 @@ class Chain:
     Attributes:
         forward_state: in fixed point, the exact state (tensors, buffers) a chunk's forward ended with,
             which the next chunk continues from (its floating-point input only links the graph).
-        boundaries: in the backward, the state (tensors, buffers) a chunk is to start from, keyed by the
-            number of the layer it enters: the output of the stack (left by :class:`SavedOutput`), then
-            the input each chunk reconstructed, which is the output of the chunk before it.
+        boundaries: in the backward, the state (tensors, buffers) a chunk is to start from and its
+            gradients, keyed by the number of the layer it enters: the output of the stack and the
+            gradients autograd gave it (left by :class:`SavedOutput`), then the input each chunk
+            reconstructed, with its gradients, which are the output and output gradients of the chunk
+            before it. The gradients travel here rather than through autograd, which would hold each
+            chunk's output gradients until its backward returns (two tensors of the state's size more at
+            its peak); the chunk's own lists free each as soon as its backward has replaced it.
         non_finite: where the forward first produced NaN/inf, if it did.
     """
 
@@ -167,20 +171,24 @@ class ReversibleFunction(torch.autograd.Function):
         if chunk.keep_input:
             kept_input = tuple(c.detach() for c in arg_tensors[len(arg_tensors) - chunk.n_state :])
             del arg_tensors[len(arg_tensors) - chunk.n_state :]
-        tensors, buffers = (list(v) for v in chunk.chain.boundaries.pop(chunk.first + len(chunk.stack.layers)))
+        tensors, buffers, handed = chunk.chain.boundaries.pop(chunk.first + len(chunk.stack.layers))
+        grads = [_sum(a, b) for a, b in zip(handed, output_grads)]  # autograd's: None unless used elsewhere
         offset = 1 + chunk.n_state
         arg_leaves = tuple(a.detach().requires_grad_() if ctx.needs_input_grad[offset + i] else a.detach()
                            for i, a in enumerate(arg_tensors))
         args, kwargs = chunk.arguments.rebuild(arg_leaves)
         layer_pass = LayerPass(chunk.stack.step(), args, kwargs, ctx.arithmetic, chunk.seeds, chunk.compiler)
-        backward = ChunkBackward(chunk, layer_pass, tensors, buffers, list(output_grads), arg_leaves, kept_input)
-        del output_grads, tensors, buffers  # the backward's lists own the state: rewritten layer by layer
+        backward = ChunkBackward(chunk, layer_pass, list(tensors), list(buffers), grads, arg_leaves, kept_input)
+        del output_grads, tensors, buffers, handed, grads  # the backward's lists own them: rewritten layer by layer
         with ctx.autocast.restored(), chunk.seeds.forked(), preserved_running_stats(chunk.norm_modules):
             backward.run()
-        if chunk.first > 0 and any(ctx.needs_input_grad[1:offset]):  # the previous chunk's backward runs
-            chunk.chain.boundaries[chunk.first] = (tuple(backward.tensors), tuple(backward.buffers))
-        backward.tensors.clear()
-        backward.buffers.clear()
+        needs = ctx.needs_input_grad
+        state_grads = [g if needs[1 + i] else None for i, g in enumerate(backward.grads)]
+        if chunk.first > 0 and any(needs[1:offset]):  # the previous chunk's backward runs: hand it all over
+            chunk.chain.boundaries[chunk.first] = (tuple(backward.tensors), tuple(backward.buffers), tuple(state_grads))
+            state_grads = [None] * chunk.n_state
+        for values in (backward.tensors, backward.buffers, backward.grads):
+            values.clear()
         if any(g is None for g in backward.param_grads) and sharded_functions(chunk.stack):
             raise RuntimeError(
                 "a function of this reversible stack is its own FSDP unit (fully_shard applied inside the stack): "
@@ -188,8 +196,6 @@ class ReversibleFunction(torch.autograd.Function):
                 "so the parameters the engine recorded would silently get no gradient; shard the whole stack "
                 "instead (fully_shard(net) on the reversible network, as revnets.training.fsdp does)"
             )
-        needs = ctx.needs_input_grad
-        state_grads = [g if needs[1 + i] else None for i, g in enumerate(backward.grads)]
         arg_grads = [g if needs[offset + i] else None for i, g in enumerate(backward.arg_grads)]
         offset += len(arg_tensors)
         param_grads = [g if needs[offset + i] else None for i, g in enumerate(backward.param_grads)]
@@ -212,9 +218,9 @@ class SavedOutput(torch.autograd.Function):
     """The end of a reversible stack: the one node that keeps its output state (and, in fixed point, the
     exact state and buffers) for the backward, as ``save_for_backward`` does (refusing outputs modified
     in place since, and keeping them for a backward with ``retain_graph=True``). Its backward, which runs
-    first, hands the state to the last chunk through the chain and returns the gradients unchanged, so
-    that autograd drops its reference at once: each tensor of the state is then freed as soon as the
-    chunks' backward has replaced it by its reconstruction."""
+    first, hands the state and its gradients to the last chunk through the chain and returns none to
+    autograd, which drops its references at once: each tensor of the state, and each gradient, is then
+    freed as soon as the chunks' backward has replaced it."""
 
     @staticmethod
     def forward(ctx, chain: Chain, depth: int, *outputs: Tensor):
@@ -229,8 +235,14 @@ class SavedOutput(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads: Tensor | None):
         tensors = ctx.saved_tensors
-        ctx.chain.boundaries[ctx.depth] = (tensors, (None,) * len(tensors) if ctx.buffers is None else ctx.buffers)
-        return (None, None, *grads)
+        buffers = (None,) * len(tensors) if ctx.buffers is None else ctx.buffers
+        ctx.chain.boundaries[ctx.depth] = (tensors, buffers, grads)
+        return (None, None, *(None for _ in grads))
+
+
+def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` with ``None`` standing for zero."""
+    return b if a is None else a if b is None else a + b
 
 
 @torch.compiler.disable
