@@ -21,7 +21,7 @@ from .arithmetic import ExactState, FixedPointArithmetic, FloatArithmetic
 from .backward import ChunkBackward
 from .passes import LayerPass, first_non_finite_layer
 from .replay import AutocastState, LayerSeeds, accelerator_devices, preserved_running_stats
-from .stack import Arguments, Stack, StackCall
+from .stack import Arguments, ParameterSlot, Stack, StackCall, slots_changed
 
 CHUNK_PARAMETERS = 1 << 20
 """Parameters per autograd node of a reversible stack: consecutive layers are grouped into chunks of at least
@@ -84,6 +84,8 @@ class Chunk:
         keep_input: the chunk is the first and the stack's input state is kept (floating point only).
         compiler: under ``torch.compile``, the key of the model's backend: the functions run compiled with it
             (:mod:`revnets.autograd.compiled`).
+        slots: where the chunk's modules hold ``params`` (:data:`~revnets.autograd.stack.ParameterSlot`), checked
+            before the backward re-evaluates them.
     """
 
     stack: Stack
@@ -98,10 +100,11 @@ class Chunk:
     norm_modules: tuple = ()
     keep_input: bool = False
     compiler: int | None = None
+    slots: tuple[ParameterSlot, ...] = ()
 
     def parameters_changed(self) -> bool:
-        """Whether the chunk's trainable parameters are no longer the tensors recorded by the forward."""
-        return self.stack.trainable_parameter_ids() != {id(p) for p in self.params}
+        """Whether the chunk's modules no longer hold the trainable parameters the forward recorded."""
+        return slots_changed(self.slots)
 
 
 def sharded_functions(stack: Stack) -> bool:
@@ -256,15 +259,17 @@ def run_reversible(call: StackCall, *, frac_bits: int | None = None, keep_input:
     call's random-number replay if already drawn."""
     stack, state = call.stack, call.state
     seeds = LayerSeeds.draw(accelerator_devices(state)) if seeds is None else seeds
-    params, layer_params = stack.parameters()
+    params, layer_params, layer_slots, layer_norms = stack.parameters()
     chain = Chain()
     for first, end in chunk_ranges(params, layer_params):
         part = stack.part(first, end)
         used = list(dict.fromkeys(i for indices in layer_params[first:end] for i in indices))  # in order, once
         local = {i: position for position, i in enumerate(used)}
         chunk_params = tuple(params[i] for i in used)
+        norms = tuple({id(m): m for layer in layer_norms[first:end] for m in layer}.values())
         chunk = Chunk(part, len(state), call.arguments, chunk_params,
                       tuple(tuple(local[i] for i in indices) for indices in layer_params[first:end]), frac_bits, seeds,
-                      chain, first, part.norm_modules(), keep_input and frac_bits is None and first == 0, compiler)
+                      chain, first, norms, keep_input and frac_bits is None and first == 0, compiler,
+                      tuple(slot for layer in layer_slots[first:end] for slot in layer))
         state = ReversibleFunction.apply(chunk, *state, *call.arguments.tensors, *chunk_params)
     return SavedOutput.apply(chain, len(stack.layers), *state)

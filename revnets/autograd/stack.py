@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,6 +29,33 @@ def layer_parameters(functions: Functions) -> tuple[Tensor, ...]:
     return tuple(found)
 
 
+ParameterSlot = tuple[dict, str, Tensor]
+"""Where a module holds a parameter: ``(module._parameters, name, parameter)``."""
+
+
+class StackParameters(NamedTuple):
+    """What :meth:`Stack.parameters` finds in one walk over the functions' modules.
+
+    Attributes:
+        params: the distinct trainable parameters (of the functions, then the coefficients).
+        layer_params: for each layer, the indices in ``params`` of those it uses (coefficients included).
+        layer_slots: for each layer, where its modules hold their trainable parameters, so that a backward can
+            check in a few lookups that they still hold the tensors the forward used (:func:`slots_changed`).
+        layer_norms: for each layer, its normalisation modules with running statistics.
+    """
+
+    params: tuple[Tensor, ...]
+    layer_params: tuple[tuple[int, ...], ...]
+    layer_slots: tuple[tuple[ParameterSlot, ...], ...]
+    layer_norms: tuple[tuple[_NormBase, ...], ...]
+
+
+def slots_changed(slots: Sequence[ParameterSlot]) -> bool:
+    """Whether a module no longer holds, under the same name, the parameter it held (``torch.func.functional_call``
+    substitutes them in place of the module's own, and restores them after the call)."""
+    return any(holder.get(name) is not p for holder, name, p in slots)
+
+
 @dataclass(frozen=True)
 class Stack:
     """What the engine runs.
@@ -45,8 +73,9 @@ class Stack:
     layers: tuple[Functions, ...]
     coefficients: tuple[Tensor, ...] = ()
 
-    def parameters(self) -> tuple[tuple[Tensor, ...], tuple[tuple[int, ...], ...]]:
-        """The distinct trainable parameters, and for each layer the indices of those it uses."""
+    def parameters(self) -> StackParameters:
+        """The distinct trainable parameters, for each layer the indices of those it uses, where its modules hold
+        them and its normalisation modules: one walk over the modules."""
         index: dict[int, int] = {}
         params: list[Tensor] = []
 
@@ -61,13 +90,15 @@ class Stack:
             return tuple(found)
 
         shared = indices(self.coefficients)
-        per_layer = tuple(indices(layer_parameters(fns)) + shared for fns in self.layers)
-        return tuple(params), per_layer
-
-    def trainable_parameter_ids(self) -> set[int]:
-        """The ids of the distinct trainable parameters (those :meth:`parameters` returns), without indexing them."""
-        return {id(p) for fns in self.layers for p in layer_parameters(fns) if p.requires_grad} | {
-            id(p) for p in self.coefficients if p.requires_grad}
+        layer_params, layer_slots, layer_norms = [], [], []
+        for fns in self.layers:
+            modules = submodules(fns)
+            slots = tuple((m._parameters, name, p) for m in modules for name, p in m._parameters.items()
+                          if p is not None and p.requires_grad)
+            layer_params.append(indices([p for _, _, p in slots]) + shared)
+            layer_slots.append(slots)
+            layer_norms.append(tuple(m for m in modules if isinstance(m, _NormBase) and m.track_running_stats))
+        return StackParameters(tuple(params), tuple(layer_params), tuple(layer_slots), tuple(layer_norms))
 
     def has_trainable_parameters(self) -> bool:
         """Whether a parameter of the functions or a coefficient requires grad (stops at the first)."""
