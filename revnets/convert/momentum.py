@@ -142,40 +142,11 @@ def _convert_resnet_stage(stage: nn.Sequential, name: str, settings: _Settings) 
     return ConvertedStage(first, settings.residual_stack(rest), mode=settings.strategy.mode)
 
 
-class ConvertedStage(nn.Sequential):
-    """A converted ResNet stage: ``(first block, reversible stack)``, named as the original (``0``, ``1``).
-
-    The first block changes shape or stride, so it cannot be inverted; in ``"reversible"`` and
-    ``"checkpoint"`` mode it runs under :func:`~revnets.autograd.checkpoint_call`, holding only
-    its input until the backward, so that the converted model always holds less than the original.
-    ``revnets.set_mode`` switches it with the stacks.
-    """
-
-    def __init__(self, first: nn.Module, stack: ReversibleNet, *, mode: str):
-        super().__init__(first, stack)
-        self.mode = check_mode(mode)
-
-    def check_mode_allowed(self, mode: str) -> None:
-        check_mode(mode)
-
-    def set_mode(self, mode: str) -> ConvertedStage:
-        self.mode = check_mode(mode)
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        first, stack = self
-        x = first(x) if self.mode == "autograd" or not torch.is_grad_enabled() else checkpoint_call(first, x)
-        return stack(x)
-
-
-class CheckpointedStem(nn.Sequential):
-    """The stem of a converted ImageNet ResNet (conv, BN, ReLU, max-pool, as ``0 … 3``): in ``"reversible"``
-    and ``"checkpoint"`` mode, with grad, one :func:`~revnets.autograd.checkpoint_call` segment.
-
-    ``(B, 3, H, W) → (B, 64, H/4, W/4)``. Through autograd the stem holds its ``(B, 64, H/2, W/2)``
-    convolution output, its BN/ReLU output and the max-pool's int64 indices until the backward: 8.4 MiB
-    per 224-px image, a sixth of a converted ResNet's step peak; checkpointed it holds the images.
-    """
+class ModeSwitchedSequence(nn.Sequential):
+    """Modules run in order, with a ``mode`` of their own that ``revnets.set_mode`` switches with the stacks:
+    the part of a converted model that cannot be inverted, run under
+    :func:`~revnets.autograd.checkpoint_call` in ``"reversible"`` and ``"checkpoint"`` mode when a graph is
+    recorded (:meth:`checkpointed`), plainly otherwise."""
 
     def __init__(self, *modules: nn.Module, mode: str):
         super().__init__(*modules)
@@ -184,14 +155,41 @@ class CheckpointedStem(nn.Sequential):
     def check_mode_allowed(self, mode: str) -> None:
         check_mode(mode)
 
-    def set_mode(self, mode: str) -> CheckpointedStem:
+    def set_mode(self, mode: str) -> ModeSwitchedSequence:
         self.mode = check_mode(mode)
         return self
 
+    def checkpointed(self) -> bool:
+        return self.mode != "autograd" and torch.is_grad_enabled()
+
+
+class ConvertedStage(ModeSwitchedSequence):
+    """A converted ResNet stage: ``(first block, reversible stack)``, named as the original (``0``, ``1``).
+
+    The first block changes shape or stride, so it cannot be inverted; in ``"reversible"`` and
+    ``"checkpoint"`` mode it runs under :func:`~revnets.autograd.checkpoint_call`, holding only
+    its input until the backward, so that the converted model always holds less than the original.
+    """
+
+    def __init__(self, first: nn.Module, stack: ReversibleNet, *, mode: str):
+        super().__init__(first, stack, mode=mode)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "autograd" or not torch.is_grad_enabled():
-            return super().forward(x)
-        return checkpoint_call(self, x, forward=super().forward)
+        first, stack = self
+        return stack(checkpoint_call(first, x) if self.checkpointed() else first(x))
+
+
+class CheckpointedStem(ModeSwitchedSequence):
+    """The stem of a converted ImageNet ResNet (conv, BN, ReLU, max-pool, as ``0 … 3``): in ``"reversible"``
+    and ``"checkpoint"`` mode, with grad, one :func:`~revnets.autograd.checkpoint_call` segment.
+
+    ``(B, 3, H, W) → (B, 64, H/4, W/4)``. Through autograd the stem holds its ``(B, 64, H/2, W/2)``
+    convolution output, its BN/ReLU output and the max-pool's int64 indices until the backward: 8.4 MiB
+    per 224-px image, a sixth of a converted ResNet's step peak; checkpointed it holds the images.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return checkpoint_call(self, x, forward=super().forward) if self.checkpointed() else super().forward(x)
 
 
 STEMS = {"torchvision.models.resnet": ("conv1", "bn1", "relu", "maxpool"),
