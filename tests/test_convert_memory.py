@@ -103,3 +103,21 @@ def test_converted_imagenet_resnet_needs_a_third_of_the_memory_per_sample():
     state = 256 * 12 * 12 * 4
     assert converted <= original / 3, (original / state, converted / state)
     assert converted <= 10.5 * state, converted / state
+
+
+def test_the_stem_runs_inside_the_first_stages_first_segment():
+    """In reversible mode the stem passes the images on and ``layer1`` runs stem + first block as one checkpointed
+    segment (the zoo's ResNets do the same): the step no longer holds the stem's output (64 × H/4 × W/4 per
+    image) through ``layer1``'s reversible backward. Gradients: the test above; no grad: the plain stem."""
+    torch.manual_seed(0)
+    converted = convert_to_momentum(ResNet(Bottleneck, [3, 1, 1, 1], num_classes=10), 0.9)
+    assert converted.conv1.stage is converted.layer1 and converted.layer1.stem is converted.conv1
+    assert "conv1.stage.0.conv1.weight" not in converted.state_dict()  # a reference, not a child
+    joined = _per_sample_peak(converted, 64)
+    object.__setattr__(converted.conv1, "stage", None)
+    object.__setattr__(converted.layer1, "stem", None)
+    separate = _per_sample_peak(converted, 64)
+    assert separate - joined >= 0.9 * 64 * 16 * 16 * 4, (separate, joined)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert converted.conv1(x).shape == (2, 64, 8, 8)  # without grad the stem runs itself

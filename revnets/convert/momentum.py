@@ -23,6 +23,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -173,10 +174,19 @@ class ConvertedStage(ModeSwitchedSequence):
 
     def __init__(self, first: nn.Module, stack: ReversibleNet, *, mode: str):
         super().__init__(first, stack, mode=mode)
+        object.__setattr__(self, "stem", None)  # set by a CheckpointedStem that hands its work over; not a child
 
     def forward(self, x: Tensor) -> Tensor:
         first, stack = self
-        return stack(checkpoint_call(first, x) if self.checkpointed() else first(x))
+        if not self.checkpointed():
+            return stack(first(x))
+        stem = self.stem
+        if stem is not None and stem.checkpointed():  # x: the images; the stem passed them on
+            def segment(images: Tensor) -> Tensor:  # the stem keeps its own checkpoint inside the segment
+                return first(checkpoint_call(stem, images, forward=partial(nn.Sequential.forward, stem)))
+
+            return stack(checkpoint_call(nn.Sequential(*stem, first), x, forward=segment))  # transient module
+        return stack(checkpoint_call(first, x))
 
 
 class CheckpointedStem(ModeSwitchedSequence):
@@ -186,10 +196,27 @@ class CheckpointedStem(ModeSwitchedSequence):
     ``(B, 3, H, W) → (B, 64, H/4, W/4)``. Through autograd the stem holds its ``(B, 64, H/2, W/2)``
     convolution output, its BN/ReLU output and the max-pool's int64 indices until the backward: 8.4 MiB
     per 224-px image, a sixth of a converted ResNet's step peak; checkpointed it holds the images.
+
+    When the first stage (``stage``, a :class:`ConvertedStage`) checkpoints too, the stem passes the images on
+    unchanged and the stage runs the stem and its first block as ONE segment, holding only the images
+    instead of the stem's ``(B, 64, H/4, W/4)`` output (0.77 MiB per 224-px image) through the first stage's
+    reversible backward, the peak of the step (as the zoo's ResNets do). The stem keeps its own checkpoint
+    inside that segment (evaluated once more), so recomputing the segment holds no more than recomputing
+    the block alone. Outputs and gradients are those of the separate calls.
     """
 
+    def __init__(self, *modules: nn.Module, mode: str, stage: ConvertedStage | None = None):
+        super().__init__(*modules, mode=mode)
+        object.__setattr__(self, "stage", stage)  # not a child: the stage stays where the model has it
+        if stage is not None:
+            object.__setattr__(stage, "stem", self)
+
     def forward(self, x: Tensor) -> Tensor:
-        return checkpoint_call(self, x, forward=super().forward) if self.checkpointed() else super().forward(x)
+        if not self.checkpointed():
+            return super().forward(x)
+        if self.stage is not None and self.stage.checkpointed():
+            return x  # the stage runs the stem inside its first segment
+        return checkpoint_call(self, x, forward=super().forward)
 
 
 STEMS = {"torchvision.models.resnet": ("conv1", "bn1", "relu", "maxpool"),
@@ -199,12 +226,13 @@ STEMS = {"torchvision.models.resnet": ("conv1", "bn1", "relu", "maxpool"),
 
 def _checkpoint_stem(model: nn.Module, settings: _Settings) -> None:
     """Run the stem of a converted torchvision/timm ``ResNet`` as one :class:`CheckpointedStem`, put where
-    its first module was (``model.conv1``); the others become ``nn.Identity``."""
+    its first module was (``model.conv1``) and joined to ``model.layer1``'s first segment; the others become
+    ``nn.Identity``."""
     names = STEMS.get(type(model).__module__) if type(model).__name__ == "ResNet" else None
     if names is None or not isinstance(getattr(model, "layer1", None), ConvertedStage):
         return
     modules = [getattr(model, name) for name in names]
-    setattr(model, names[0], CheckpointedStem(*modules, mode=settings.strategy.mode))
+    setattr(model, names[0], CheckpointedStem(*modules, mode=settings.strategy.mode, stage=model.layer1))
     for name in names[1:]:
         setattr(model, name, nn.Identity())
 
