@@ -110,11 +110,16 @@ def submodules(functions: Iterable[object]) -> list[nn.Module]:
     return found
 
 
+def keeps_running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer (BatchNorm, SyncBatchNorm, InstanceNorm...) with running
+    statistics."""
+    return isinstance(module, _NormBase) and module.track_running_stats
+
+
 def running_stat_modules(functions: Iterable[object]) -> tuple[_NormBase, ...]:
-    """The normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm...) that keep running statistics, in
+    """The normalisation layers that keep running statistics (:func:`keeps_running_stats`), in
     ``Module.modules()`` order, each once."""
-    found = {id(m): m for m in submodules(functions) if isinstance(m, _NormBase) and m.track_running_stats}
-    return tuple(found.values())
+    return tuple({id(m): m for m in submodules(functions) if keeps_running_stats(m)}.values())
 
 
 class preserved_running_stats:

@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils import _pytree as pytree
 
 from ..steps.base import State, Step
-from .replay import running_stat_modules, submodules
+from .replay import keeps_running_stats, running_stat_modules, submodules
 
 Functions = tuple[Callable[..., Tensor], ...]
 """The functions of one layer: ``(f,)`` for one-function schemes, ``(F, G)`` for couplings."""
@@ -97,7 +97,7 @@ class Stack:
                           if p is not None and p.requires_grad)
             layer_params.append(indices([p for _, _, p in slots]) + shared)
             layer_slots.append(slots)
-            layer_norms.append(tuple(m for m in modules if isinstance(m, _NormBase) and m.track_running_stats))
+            layer_norms.append(tuple(m for m in modules if keeps_running_stats(m)))
         return StackParameters(tuple(params), tuple(layer_params), tuple(layer_slots), tuple(layer_norms))
 
     def has_trainable_parameters(self) -> bool:

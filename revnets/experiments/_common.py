@@ -184,6 +184,11 @@ class StepMemory:
     cuda_peak_bytes: int | None
     seconds: float
 
+    @property
+    def peak(self) -> int:
+        """The CUDA allocator's peak where it was measured, else the peak of live tensor bytes."""
+        return self.peak_bytes if self.cuda_peak_bytes is None else self.cuda_peak_bytes
+
 
 def peak_memory(work: Callable[[], object], device: torch.device) -> StepMemory:
     """Run ``work()`` and measure it: peak live tensor bytes created inside it (StorageTracker), the

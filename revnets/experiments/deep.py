@@ -77,7 +77,7 @@ def per_sample_memory(depth: int, mode: str, batches: list[int], data: torch.Ten
     for batch in batches:
         x, y = data[:batch].to(device), labels[:batch].to(device)
         memory = training_step_memory(model, lambda m, x=x, y=y: nn.functional.cross_entropy(m(x), y))
-        peaks.append(memory.peak_bytes if memory.cuda_peak_bytes is None else memory.cuda_peak_bytes)
+        peaks.append(memory.peak)
         seconds = memory.seconds
     return mib((peaks[1] - peaks[0]) / (batches[1] - batches[0])), mib(peaks[1]), seconds
 

@@ -138,7 +138,7 @@ def step_peak_mib(model: nn.Module, batch: int, config: FinetuneConfig, device: 
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(model.fc.out_features, (batch,), device=device)
     memory = training_step_memory(model, lambda m: nn.functional.cross_entropy(m(x), y))
-    return mib(memory.peak_bytes if memory.cuda_peak_bytes is None else memory.cuda_peak_bytes)
+    return mib(memory.peak)
 
 
 def largest_batch(model: nn.Module, config: FinetuneConfig, device: torch.device) -> dict[str, Any]:

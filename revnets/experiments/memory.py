@@ -91,7 +91,7 @@ def depth_memory(network: str, depth: int, config: MemoryConfig, seed: int, devi
     model.to(device)
     x = torch.randn(config.batch_size, config.features, device=device)
     memory = training_step_memory(model, lambda m: m(x).square().mean())
-    return memory.peak_bytes if memory.cuda_peak_bytes is None else memory.cuda_peak_bytes
+    return memory.peak
 
 
 class SequenceModel(nn.Module):
@@ -136,7 +136,7 @@ def epoch_memory(model: SequenceModel, batch: int, length: int, config: MemoryCo
             training_step(optimizer, loss_fn, tokens)
 
     memory = peak_memory(epoch, device)
-    return memory.peak_bytes if memory.cuda_peak_bytes is None else memory.cuda_peak_bytes
+    return memory.peak
 
 
 def run(config: MemoryConfig) -> dict[str, Any]:
