@@ -15,12 +15,20 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from ..steps.base import Step, Update, times_constant
+from .arithmetic import FloatArithmetic
 from .passes import CHECK_EVERY, CHECK_EVERY_LAYER_NUMEL, LayerPass
 
 if TYPE_CHECKING:
     from .reversible import Chunk
+
+FACTOR_PATH_NUMEL = 1 << 16
+"""From this many elements per state component on, the backward takes a VJP of the gradient ``g`` itself
+and multiplies its results by the update's gain ``c``, rather than a VJP of ``c·g``: one state-sized tensor
+less at the VJP, for a multiplication of the parameters' gradients after it (at smaller states, where a
+kernel's fixed cost matters more than the memory, only when ``g`` outweighs the layer's parameters)."""
 
 
 def is_learnable(scale) -> bool:
@@ -40,6 +48,12 @@ def add_scaled(total: Tensor | None, value: Tensor | None, factor) -> Tensor | N
     return total + value if factor == 1 else torch.add(total, value, alpha=factor)
 
 
+def overflow_safe_sum(value: Tensor) -> Tensor:
+    """The sum of ``value`` in float32 at least (0-dim): non-finite if an element is, and otherwise only for
+    elements beyond about 1e38 over their number (a half-precision sum would overflow at 65504)."""
+    return value.sum(dtype=torch.promote_types(value.dtype, torch.float32))
+
+
 @dataclass(frozen=True)
 class BackwardUpdate:
     """What the backward needs to know of update ``index`` of a step, worked out once per step."""
@@ -52,6 +66,11 @@ class BackwardUpdate:
     """``u`` adds another component with constant scale and gain: nothing to re-evaluate, its VJP is ``c·g``."""
     learnable_scale: bool
     learnable_gain: bool
+    read_later: bool
+    """Updates are undone after this one (they may read or undo its target), or the VJP of a learnable scale
+    reads the rebuilt target. Otherwise, in the stack's first layer, nothing reads the rebuilt target (the
+    gradients do not depend on the stack's input state itself): its reconstruction is skipped and the
+    component's output value freed before the VJP."""
 
     @classmethod
     def plan(cls, step: Step, n_state: int) -> tuple[BackwardUpdate, ...]:
@@ -61,7 +80,8 @@ class BackwardUpdate:
             learnable_scale, learnable_gain = is_learnable(u.scale), is_learnable(u.gain)
             plans.append(cls(u, j, tuple(i for i in range(n_state) if i != u.target),
                              u.source is not None and not learnable_scale and not learnable_gain,
-                             learnable_scale, learnable_gain))
+                             learnable_scale, learnable_gain,
+                             learnable_scale or j > 0))
         return tuple(reversed(plans))
 
 
@@ -92,6 +112,7 @@ class ChunkBackward:
         chunk, tensors, buffers = self.chunk, self.tensors, self.buffers
         plans = None
         every_layer = tensors[0].numel() > CHECK_EVERY_LAYER_NUMEL
+        witness = every_layer and type(self.layer_pass.arithmetic) is FloatArithmetic  # fixed point is finite
         checked = None if every_layer else (len(chunk.stack.layers), tuple(tensors), tuple(buffers))  # last finite
         for local in reversed(range(len(chunk.stack.layers))):
             k = chunk.first + local  # the layer's number in the whole stack (seeds, messages)
@@ -104,40 +125,62 @@ class ChunkBackward:
                 for values in (tensors, buffers, self.grads):
                     values[:] = step.unpermute(tuple(values))
             layer_numel = sum(chunk.params[i].numel() for i in chunk.layer_params[local])
-            increments = [value for plan in plans if (value := self._undo(plan, k, local, layer_numel)) is not None]
-            arithmetic, where = self.layer_pass.arithmetic, f"layer {k}"
-            if every_layer:
-                arithmetic.check_finite(tuple(tensors), increments, where, "when re-evaluated in the backward")
-            elif k % CHECK_EVERY == 0 or local == 0:
-                if not arithmetic.all_finite(tuple(tensors)):  # re-invert from the last finite state to name the layer
-                    end, finite_tensors, finite_buffers = checked
-                    self.layer_pass.inverse(chunk.stack.layers[local:end], k, finite_tensors, finite_buffers,
-                                            during="when re-evaluated in the backward")
-                checked = (local, tuple(tensors), tuple(buffers))
-            del increments  # the functions' values: not held while the next layer is re-evaluated
+            sums = [total for plan in plans for total in self._undo(plan, k, local, layer_numel, witness)]
+            checked = self._check(k, local, sums, every_layer, checked)
 
-    def _undo(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int) -> Tensor | None:
-        """Undo one update of layer ``k`` (``local`` in the chunk) and pass its gradient on; returns the
-        functions' value it evaluated (``None`` for a copy)."""
+    def _check(self, k: int, local: int, sums: list[Tensor], every_layer: bool, checked: tuple | None) -> tuple | None:
+        """Check the state rebuilt in layer ``k`` (``local`` in the chunk) for NaN/inf, every layer or every
+        :data:`~revnets.autograd.passes.CHECK_EVERY` layers; ``sums``: those of the functions' values (see
+        :meth:`_undo`). Returns the last state known to be finite, kept where the check is not made every layer."""
+        arithmetic, where = self.layer_pass.arithmetic, f"layer {k}"
+        # in layer 0, a skipped reconstruction is checked through its value's sum (see read_later)
+        rebuilt = (*(c for c in self.tensors if c is not None), *sums)
+        if every_layer:
+            arithmetic.check_finite(rebuilt, sums, where, "when re-evaluated in the backward")
+        elif k % CHECK_EVERY == 0 or local == 0:
+            if not arithmetic.all_finite(rebuilt):  # re-invert from the last finite state to name the layer
+                end, finite_tensors, finite_buffers = checked
+                self.layer_pass.inverse(self.chunk.stack.layers[local:end], k, finite_tensors, finite_buffers,
+                                        during="when re-evaluated in the backward")
+            checked = (local, tuple(self.tensors), tuple(self.buffers))
+        return checked
+
+    def _undo(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int, witness: bool) -> tuple[Tensor, ...]:
+        """Undo one update of layer ``k`` (``local`` in the chunk) and pass its gradient on; returns, if
+        ``witness`` or the target is not rebuilt, the :func:`overflow_safe_sum` of the functions' value it
+        evaluated (nothing for a copy): it names the cause of a non-finite reconstruction without the value
+        being held."""
         update, j, t = plan.update, plan.index, plan.update.target
         tensors, buffers, grads = self.tensors, self.buffers, self.grads
         if k == 0 and self.kept_input is not None:
             pending = {u.target for u in self.layer_pass.step.updates[: j + 1]}
             tensors[:] = [c if i in pending else self.kept_input[i] for i, c in enumerate(tensors)]
-        g, value = grads[t], None
+        g, sums = grads[t], ()
         if plan.copies:  # u = s[source] (x <- x + v)
-            increment = self.layer_pass.arithmetic.copy_increment(update, tuple(tensors))
-            old, buffer = self.layer_pass.arithmetic.undo(j, update, tensors[t], buffers[t], increment, f"layer {k}")
+            if self._rebuilds(plan, k):
+                increment = self.layer_pass.arithmetic.copy_increment(update, tuple(tensors))
+                tensors[t], buffers[t] = self.layer_pass.arithmetic.undo(j, update, tensors[t], buffers[t], increment,
+                                                                         f"layer {k}")
+            else:
+                tensors[t] = buffers[t] = None
             grads[update.source] = add_scaled(grads[update.source], g, update.gain)
         else:
-            old, buffer, value = self._reevaluate(plan, k, local, layer_numel)
+            sums = self._reevaluate(plan, k, local, layer_numel, witness)
         grads[t] = None if g is None else update.scale_gradient(g)
-        tensors[t], buffers[t] = old, buffer
-        return value
+        return sums
 
-    def _reevaluate(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int) -> tuple[Tensor, object, Tensor]:
+    def _rebuilds(self, plan: BackwardUpdate, k: int) -> bool:
+        """Whether the undo of ``plan`` in layer ``k`` rebuilds its target (see :attr:`BackwardUpdate.read_later`;
+        fixed point always does: quantising the value is what checks it)."""
+        return k > 0 or plan.read_later or type(self.layer_pass.arithmetic) is not FloatArithmetic
+
+    def _reevaluate(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int,
+                    witness: bool) -> tuple[Tensor, ...]:
         """Evaluate ``u`` once (with autograd if its target has a gradient), rebuild the old target from
-        that value and accumulate the VJP of the same evaluation; returns ``(old, buffer, value)``."""
+        that value, then accumulate the VJP of the same evaluation; returns the value's sum if ``witness``.
+
+        The VJP starts from the evaluation's gradient edge rather than from its output tensor, so that
+        neither the value nor the target it rebuilt is held through the VJP, the peak of the backward."""
         update, j, t = plan.update, plan.index, plan.update.target
         arithmetic, where, g = self.layer_pass.arithmetic, f"layer {k}", self.grads[t]
         with torch.enable_grad() if g is not None else torch.no_grad():  # a zero gradient needs no VJP
@@ -145,40 +188,47 @@ class ChunkBackward:
                       for i, c in enumerate(self.tensors)]
             increment = self.layer_pass.evaluate(k, j, update, leaves, self.chunk.stack.layers[local])
             gained = update.gain * increment if plan.learnable_gain and g is not None else None
-        value = increment.detach()
-        old = buffer = None
-        if plan.learnable_scale or g is None:  # its VJP reads the old value
-            old, buffer = arithmetic.undo(j, update, self.tensors[t], self.buffers[t], value, where)
-        if g is not None:
-            outputs, output_grads, factor = self._vjp_outputs(plan, increment, gained, old, g, layer_numel)
-            chunk = self.chunk
-            parameter_indices = chunk.layer_params[local]
-            inputs = [*(leaves[i] for i in plan.others), *(chunk.params[i] for i in parameter_indices),
-                      *(self.arg_leaves[i] for i in self.trainable_args)]
-            results = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
-            del outputs, output_grads, gained, increment, leaves, inputs  # the graph is freed before the undo
-            self._accumulate(plan.others, parameter_indices, results, factor)
-            if not plan.learnable_scale:
-                old, buffer = arithmetic.undo(j, update, self.tensors[t], self.buffers[t], value, where)
-        return old, buffer, value
+        value, leaves[t] = increment.detach(), None  # the target was there for the shape check only
+        rebuilds = self._rebuilds(plan, k)
+        sums = (overflow_safe_sum(value),) if witness or not rebuilds else ()
+        if rebuilds:
+            self.tensors[t], self.buffers[t] = arithmetic.undo(j, update, self.tensors[t], self.buffers[t], value,
+                                                               where)
+        else:
+            self.tensors[t] = self.buffers[t] = None
+        del value
+        if g is None:
+            return sums
+        outputs, output_grads, factor = self._vjp_outputs(plan, increment, gained, self.tensors[t], g, layer_numel)
+        del increment, gained  # their storage now lives only as long as the graph needs it
+        parameter_indices = self.chunk.layer_params[local]
+        inputs = [*(leaves[i] for i in plan.others), *(self.chunk.params[i] for i in parameter_indices),
+                  *(self.arg_leaves[i] for i in self.trainable_args)]
+        results = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)
+        del outputs, output_grads, leaves, inputs  # the graph is freed before the accumulation
+        self._accumulate(plan.others, parameter_indices, results, factor)
+        return sums
 
-    def _vjp_outputs(self, plan: BackwardUpdate, increment: Tensor, gained: Tensor | None, old: Tensor | None,
-                     g: Tensor, layer_numel: int) -> tuple[list[Tensor], list[Tensor], object]:
-        """The outputs and output gradients of the update's VJP, and the factor its results take."""
+    def _vjp_outputs(self, plan: BackwardUpdate, increment: Tensor, gained: Tensor | None, old: Tensor,
+                     g: Tensor, layer_numel: int) -> tuple[list, list[Tensor], object]:
+        """The outputs (gradient edges where they have one) and output gradients of the update's VJP, and
+        the factor its results take; ``old``: the rebuilt target, which the VJP of a learnable scale reads."""
         update = plan.update
         if gained is not None:  # a learnable gain: differentiate c·u itself
             outputs, output_grads, factor = [gained], [g], 1
         elif (not plan.learnable_scale and not isinstance(update.gain, Tensor) and g.dtype == increment.dtype
-              and g.numel() > layer_numel):
-            # c·VJP(g) rather than VJP(c·g) when g outweighs the parameters: no c·g tensor held through the VJP
-            # (the peak of the backward), the state's gradients take c in their accumulation (one kernel) and
-            # only the smaller parameter gradients are multiplied
+              and (g.numel() > layer_numel or g.numel() >= FACTOR_PATH_NUMEL)):
+            # c·VJP(g) rather than VJP(c·g) when g is large: no c·g tensor held through the VJP (the peak of
+            # the backward); the state's gradients take c in their accumulation (one kernel) and the
+            # parameters' gradients are multiplied after the graph is freed
             outputs, output_grads, factor = [increment], [g], update.gain
         else:
             increment_grad = update.gain_gradient(g)
             if increment_grad.dtype != increment.dtype:
                 increment_grad = increment_grad.to(increment.dtype)
             outputs, output_grads, factor = [increment], [increment_grad], 1
+        if outputs[0].grad_fn is not None:
+            outputs[0] = get_gradient_edge(outputs[0])
         if plan.learnable_scale:
             outputs.append(update.scale)
             output_grads.append((g * self.layer_pass.arithmetic.view(old)).sum().to(update.scale.dtype))

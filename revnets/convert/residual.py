@@ -25,6 +25,22 @@ def fused_attention_fast_path_disabled() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+class SubtractInput(torch.autograd.Function):
+    """``block(x) − x`` whose gradient for ``x`` is ``−g`` as a negated view of the incoming gradient ``g``
+    rather than a new tensor: autograd holds that gradient from the start of the block's backward until
+    the block's own gradient for ``x`` is added to it at its end, so a materialised ``−g`` would be one
+    tensor of the state's size more through the whole backward of the block (its peak). The sum with the
+    block's gradient is an ordinary tensor; ``x``'s gradient stays a view only if the block ignores ``x``."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor) -> Tensor:
+        return out - x
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        return g, torch._neg_view(g) if ctx.needs_input_grad[1] else None
+
+
 class ResidualFunction(nn.Module):
     """``f(x, *args, **kwargs) = block(x, *args, **kwargs) − x`` for a block computing ``x + F(x)``
     (``sign=-1``: ``x − block(x)``, for a scheme that subtracts its function, such as Leapfrog).
@@ -49,4 +65,6 @@ class ResidualFunction(nn.Module):
                 f"{type(self.block).__name__} returned {type(out).__name__}, not a tensor: only blocks that "
                 "return their output tensor alone can be converted"
             )
-        return out - x if self.sign == 1 else x - out
+        if self.sign == -1:
+            return x - out  # the gradient ``−g`` goes to the block's output, where it is used at once
+        return SubtractInput.apply(out, x) if torch.is_grad_enabled() else out - x

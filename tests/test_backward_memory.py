@@ -1,0 +1,103 @@
+"""What the reversible backward holds at its peak, counted in tensors of the state's size.
+
+One VJP of a layer's function needs its own graph and gradients (measured here, with the same tracker, on
+the function alone). Beyond that, the momentum backward holds x, v and the gradients of both streams (the
+stack's output gradient among them): the function's value, ``c·g`` and the ``−g`` of a converted block's
+``block(x) − x`` are not held through the VJP, and in the stack's first layer the velocity is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+import revnets
+from revnets.convert import ResidualFunction
+from revnets.memory import StorageTracker
+
+BATCH, WIDTH = 4096, 16  # 2^16 elements: the backward takes c·VJP(g), not VJP(c·g), from this size on
+STATE_BYTES = BATCH * WIDTH * 4
+
+
+class Block(nn.Module):
+    """A residual block ``x + tanh(Wx + b)``, as a converter finds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return x + torch.tanh(self.linear(x))
+
+
+def function(kind: str) -> nn.Module:
+    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) if kind == "plain" else ResidualFunction(Block())
+
+
+def one_vjp_peak(kind: str) -> float:
+    """States allocated at the peak of one evaluation and VJP of the function alone (input and output
+    gradient given; the value is not held, as a graph's output need not be)."""
+    torch.manual_seed(0)
+    f = function(kind)
+    x, g = torch.randn(BATCH, WIDTH, requires_grad=True), torch.randn(BATCH, WIDTH)
+    with StorageTracker() as tracker:
+        edge = get_gradient_edge(f(x))
+        torch.autograd.grad([edge], [x, *f.parameters()], [g])
+    return tracker.peak_bytes / STATE_BYTES
+
+
+def backward_peak(kind: str, depth: int) -> float:
+    """States allocated at the peak of the backward of a momentum stack of ``depth`` such functions."""
+    torch.manual_seed(0)
+    net = revnets.MomentumNet([function(kind) for _ in range(depth)], gamma=0.9)
+    x = torch.randn(BATCH, WIDTH, requires_grad=True)
+    with StorageTracker() as tracker:
+        out = net(x)
+        tracker.reset_peak()
+        live = tracker.live_bytes
+        out.backward(torch.ones_like(out))
+    return (tracker.peak_bytes - live) / STATE_BYTES
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_the_backward_holds_the_state_and_its_gradients_beside_one_vjp(kind):
+    """Beside one VJP: the output gradient, x, v and one more gradient (four states); the same at depth 2 and 6."""
+    vjp = one_vjp_peak(kind)
+    for depth in (2, 6):
+        assert backward_peak(kind, depth) <= vjp + 4.05, (depth, backward_peak(kind, depth), vjp)
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_the_first_layer_does_not_rebuild_the_velocity(kind):
+    """In a one-layer stack only x is rebuilt (the input velocity feeds no gradient): two states beside one VJP."""
+    vjp = one_vjp_peak(kind)
+    assert backward_peak(kind, 1) <= vjp + 2.05, (backward_peak(kind, 1), vjp)
+
+
+def test_the_residual_gradient_is_exact_and_an_ordinary_tensor():
+    """``block(x) − x`` hands ``x`` a negated view of its gradient; the sum autograd makes of it is an
+    ordinary tensor, first and second derivatives are exact, and a block that ignores ``x`` gets ``−g``."""
+    torch.manual_seed(0)
+    block = Block().double()
+    f = ResidualFunction(block)
+    x = torch.randn(3, WIDTH, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    (grad,) = torch.autograd.grad(f(x).sum(), x)
+    assert not grad.is_neg()
+    expected = torch.autograd.functional.vjp(lambda x: torch.tanh(block.linear(x)), x, torch.ones_like(x))[1]
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    ignoring = ResidualFunction(nn.Identity())
+    assert torch.equal(torch.autograd.grad(ignoring(x).sum(), x)[0], torch.zeros_like(x))
+    x.grad = None
+    ResidualFunction(Constant())(x).sum().backward()
+    assert torch.equal(x.grad, -torch.ones_like(x))
+
+
+class Constant(nn.Module):
+    """A block that ignores its input."""
+
+    def forward(self, x):
+        return torch.ones_like(x)
