@@ -14,6 +14,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 import revnets
+from revnets.autograd.backward import scaled_result
 from revnets.convert import ResidualFunction
 from revnets.memory import StorageTracker
 
@@ -101,3 +102,49 @@ class Constant(nn.Module):
 
     def forward(self, x):
         return torch.ones_like(x)
+
+
+def test_a_result_is_scaled_in_place_only_when_nothing_else_holds_it():
+    fresh = [torch.ones(3)]
+    storage = fresh[0].untyped_storage().data_ptr()
+    scaled = scaled_result(fresh, 0, 0.5)
+    assert fresh == [None] and scaled.untyped_storage().data_ptr() == storage
+    assert torch.equal(scaled, torch.full((3,), 0.5))
+    transposed = [torch.ones(2, 3).t()]  # a weight's gradient as autograd makes it: a view of a fresh tensor
+    storage = transposed[0].untyped_storage().data_ptr()
+    assert scaled_result(transposed, 0, 0.5).untyped_storage().data_ptr() == storage
+    for held in (torch.ones(3), torch.ones(6)[:3]):  # referenced elsewhere, or a view referenced elsewhere
+        results = [held]
+        assert torch.equal(scaled_result(results, 0, 0.5), torch.full((3,), 0.5))
+        assert torch.equal(held, torch.ones(3))
+    base = torch.ones(3, 2)
+    results = [base.t()]  # a view of a tensor referenced elsewhere
+    assert torch.equal(scaled_result(results, 0, 0.5), torch.full((2, 3), 0.5))
+    assert torch.equal(base, torch.ones(3, 2))
+
+
+class PassThrough(nn.Module):
+    """``tanh(Wx) + p`` with ``p`` of the state's shape: autograd hands ``p`` the output gradient itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+        self.offset = nn.Parameter(torch.randn(BATCH, WIDTH) / 10)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)) + self.offset
+
+
+def test_gradients_passed_through_are_not_scaled_in_place():
+    """At this size the backward scales the VJP's results by γ's gain: a parameter whose gradient is the output
+    gradient itself must get a copy, and every gradient equals autograd mode's."""
+    torch.manual_seed(0)
+    net = revnets.MomentumNet([PassThrough() for _ in range(3)], gamma=0.9).double()
+    x = torch.randn(BATCH, WIDTH, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for mode in ("autograd", "reversible"):
+        revnets.set_mode(net, mode)
+        out = net(x)
+        grads[mode] = torch.autograd.grad(out, [x, *net.parameters()], torch.cos(out))
+    for reversible, reference in zip(grads["reversible"], grads["autograd"], strict=True):
+        torch.testing.assert_close(reversible, reference, rtol=1e-10, atol=1e-12)
