@@ -3,7 +3,7 @@
 One VJP of a layer's function needs its own graph and gradients (measured here, with the same tracker, on
 the function alone). Beyond that, the momentum backward holds x, v and the gradients of both streams (the
 stack's output gradient among them): the function's value, ``c·g`` and the ``−g`` of a converted block's
-``block(x) − x`` are not held through the VJP, and in the stack's first layer the velocity is not rebuilt.
+``±(block(x) − x)`` are not held through the VJP, and in the stack's first layer the velocity is not rebuilt.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ class Block(nn.Module):
 
 
 def function(kind: str) -> nn.Module:
-    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) if kind == "plain" else ResidualFunction(Block())
+    """``plain``: ``tanh(Wx + b)``; ``residual``: ``block(x) − x``; ``subtracted``: ``x − block(x)`` (as Leapfrog's
+    conversion makes it)."""
+    if kind == "plain":
+        return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh())
+    return ResidualFunction(Block(), sign=1 if kind == "residual" else -1)
 
 
 def one_vjp_peak(kind: str) -> float:
@@ -62,7 +66,7 @@ def backward_peak(kind: str, depth: int) -> float:
     return (tracker.peak_bytes - live) / STATE_BYTES
 
 
-@pytest.mark.parametrize("kind", ["plain", "residual"])
+@pytest.mark.parametrize("kind", ["plain", "residual", "subtracted"])
 def test_the_backward_holds_the_state_and_its_gradients_beside_one_vjp(kind):
     """Beside one VJP: the output gradient, x, v and one more gradient (four states); the same at depth 2 and 6."""
     vjp = one_vjp_peak(kind)
@@ -70,31 +74,33 @@ def test_the_backward_holds_the_state_and_its_gradients_beside_one_vjp(kind):
         assert backward_peak(kind, depth) <= vjp + 4.05, (depth, backward_peak(kind, depth), vjp)
 
 
-@pytest.mark.parametrize("kind", ["plain", "residual"])
+@pytest.mark.parametrize("kind", ["plain", "residual", "subtracted"])
 def test_the_first_layer_does_not_rebuild_the_velocity(kind):
     """In a one-layer stack only x is rebuilt (the input velocity feeds no gradient): two states beside one VJP."""
     vjp = one_vjp_peak(kind)
     assert backward_peak(kind, 1) <= vjp + 2.05, (backward_peak(kind, 1), vjp)
 
 
-def test_the_residual_gradient_is_exact_and_an_ordinary_tensor():
-    """``block(x) − x`` hands ``x`` a negated view of its gradient; the sum autograd makes of it is an
-    ordinary tensor, first and second derivatives are exact, and a block that ignores ``x`` gets ``−g``."""
+@pytest.mark.parametrize("sign", [1, -1])
+def test_the_residual_gradient_is_exact_and_an_ordinary_tensor(sign):
+    """``±(block(x) − x)`` hands the operand it subtracts a negated view of its gradient; the sums autograd
+    makes of it are ordinary tensors, first and second derivatives are exact, and a block that ignores ``x``
+    gets ``∓g``."""
     torch.manual_seed(0)
     block = Block().double()
-    f = ResidualFunction(block)
+    f = ResidualFunction(block, sign=sign)
     x = torch.randn(3, WIDTH, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradgradcheck(f, (x,))
     (grad,) = torch.autograd.grad(f(x).sum(), x)
     assert not grad.is_neg()
     expected = torch.autograd.functional.vjp(lambda x: torch.tanh(block.linear(x)), x, torch.ones_like(x))[1]
-    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
-    ignoring = ResidualFunction(nn.Identity())
+    torch.testing.assert_close(grad, sign * expected, rtol=1e-12, atol=1e-12)
+    ignoring = ResidualFunction(nn.Identity(), sign=sign)
     assert torch.equal(torch.autograd.grad(ignoring(x).sum(), x)[0], torch.zeros_like(x))
     x.grad = None
-    ResidualFunction(Constant())(x).sum().backward()
-    assert torch.equal(x.grad, -torch.ones_like(x))
+    ResidualFunction(Constant(), sign=sign)(x).sum().backward()
+    assert torch.equal(x.grad, -sign * torch.ones_like(x))
 
 
 class Constant(nn.Module):

@@ -75,6 +75,12 @@ def scaled_result(results: list, position: int, factor: float) -> Tensor:
     return value.mul_(factor) if sole else times_constant(factor, value)
 
 
+def placeholder(component: Tensor) -> Tensor:
+    """Zeros of ``component``'s shape, dtype and device on one element's storage: a state component that is
+    not rebuilt, which an update still evaluated sees only through its shape."""
+    return torch.zeros((), dtype=component.dtype, device=component.device).expand(component.shape)
+
+
 def overflow_safe_sum(value: Tensor) -> Tensor:
     """The sum of ``value`` in float32 at least (0-dim): non-finite if an element is, and otherwise only for
     elements beyond about 1e38 over their number (a half-precision sum would overflow at 65504)."""
@@ -94,21 +100,22 @@ class BackwardUpdate:
     learnable_scale: bool
     learnable_gain: bool
     read_later: bool
-    """Updates are undone after this one (they may read or undo its target), or the VJP of a learnable scale
-    reads the rebuilt target. Otherwise, in the stack's first layer, nothing reads the rebuilt target (the
-    gradients do not depend on the stack's input state itself): its reconstruction is skipped and the
-    component's output value freed before the VJP."""
+    """The rebuilt target is read: by an update undone after this one (one that reads it, or one that undoes
+    it and is itself read), or by the VJP of a learnable scale. Otherwise, in the stack's first layer, its
+    reconstruction is skipped (the gradients do not depend on the stack's input state itself) and the
+    component's output value freed before the VJP; a zero-stride placeholder of its shape takes its place."""
 
     @classmethod
     def plan(cls, step: Step, n_state: int) -> tuple[BackwardUpdate, ...]:
         """The updates of ``step`` in the order the backward undoes them (last first)."""
-        plans = []
+        plans: list[BackwardUpdate] = []
         for j, u in enumerate(step.updates):
             learnable_scale, learnable_gain = is_learnable(u.scale), is_learnable(u.gain)
+            read_later = learnable_scale or any(  # by an update undone later: it reads it, or undoes it and is read
+                earlier.update.target != u.target or earlier.read_later for earlier in plans)
             plans.append(cls(u, j, tuple(i for i in range(n_state) if i != u.target),
                              u.source is not None and not learnable_scale and not learnable_gain,
-                             learnable_scale, learnable_gain,
-                             learnable_scale or j > 0))
+                             learnable_scale, learnable_gain, read_later))
         return tuple(reversed(plans))
 
 
@@ -160,8 +167,7 @@ class ChunkBackward:
         :data:`~revnets.autograd.passes.CHECK_EVERY` layers; ``sums``: those of the functions' values (see
         :meth:`_undo`). Returns the last state known to be finite, kept where the check is not made every layer."""
         arithmetic, where = self.layer_pass.arithmetic, f"layer {k}"
-        # in layer 0, a skipped reconstruction is checked through its value's sum (see read_later)
-        rebuilt = (*(c for c in self.tensors if c is not None), *sums)
+        rebuilt = (*self.tensors, *sums)  # in layer 0, a reconstruction skipped is checked through its value's sum
         if every_layer:
             arithmetic.check_finite(rebuilt, sums, where, "when re-evaluated in the backward")
         elif k % CHECK_EVERY == 0 or local == 0:
@@ -189,7 +195,7 @@ class ChunkBackward:
                 tensors[t], buffers[t] = self.layer_pass.arithmetic.undo(j, update, tensors[t], buffers[t], increment,
                                                                          f"layer {k}")
             else:
-                tensors[t] = buffers[t] = None
+                tensors[t], buffers[t] = placeholder(tensors[t]), None
             grads[update.source] = add_scaled(grads[update.source], g, update.gain)
         else:
             sums = self._reevaluate(plan, k, local, layer_numel, witness)
@@ -222,7 +228,7 @@ class ChunkBackward:
             self.tensors[t], self.buffers[t] = arithmetic.undo(j, update, self.tensors[t], self.buffers[t], value,
                                                                where)
         else:
-            self.tensors[t] = self.buffers[t] = None
+            self.tensors[t], self.buffers[t] = placeholder(self.tensors[t]), None
         del value
         if g is None:
             return sums

@@ -25,20 +25,24 @@ def fused_attention_fast_path_disabled() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-class SubtractInput(torch.autograd.Function):
-    """``block(x) − x`` whose gradient for ``x`` is ``−g`` as a negated view of the incoming gradient ``g``
-    rather than a new tensor: autograd holds that gradient from the start of the block's backward until
-    the block's own gradient for ``x`` is added to it at its end, so a materialised ``−g`` would be one
-    tensor of the state's size more through the whole backward of the block (its peak). The sum with the
-    block's gradient is an ordinary tensor; ``x``'s gradient stays a view only if the block ignores ``x``."""
+class ResidualDifference(torch.autograd.Function):
+    """``sign·(block(x) − x)`` whose gradient for the operand subtracted is ``−g`` as a negated view of the
+    incoming gradient ``g`` rather than a new tensor: autograd holds ``x``'s gradient from the start of the
+    block's backward until the block's own gradient for ``x`` is added to it at its end, and with ``sign=-1``
+    the block's whole backward starts from ``−g``, so a materialised ``−g`` would be one tensor of the
+    state's size more through the whole backward of the block (its peak). Where an op needs the values of
+    a negated view it makes them for its own use; sums with it are ordinary tensors."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, x: Tensor) -> Tensor:
-        return out - x
+    def forward(ctx, out: Tensor, x: Tensor, sign: int) -> Tensor:
+        ctx.sign = sign
+        return out - x if sign == 1 else x - out
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        return g, torch._neg_view(g) if ctx.needs_input_grad[1] else None
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        negated = torch._neg_view(g)
+        out_grad, x_grad = (g, negated) if ctx.sign == 1 else (negated, g)
+        return (out_grad if ctx.needs_input_grad[0] else None, x_grad if ctx.needs_input_grad[1] else None, None)
 
 
 class ResidualFunction(nn.Module):
@@ -65,6 +69,6 @@ class ResidualFunction(nn.Module):
                 f"{type(self.block).__name__} returned {type(out).__name__}, not a tensor: only blocks that "
                 "return their output tensor alone can be converted"
             )
-        if self.sign == -1:
-            return x - out  # the gradient ``−g`` goes to the block's output, where it is used at once
-        return SubtractInput.apply(out, x) if torch.is_grad_enabled() else out - x
+        if torch.is_grad_enabled():
+            return ResidualDifference.apply(out, x, self.sign)
+        return out - x if self.sign == 1 else x - out
