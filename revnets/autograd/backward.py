@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, _engine_run_backward, get_gradient_edge
 
 from ..steps.base import Step, Update, times_constant
 from .arithmetic import FloatArithmetic
@@ -73,6 +73,21 @@ def scaled_result(results: list, position: int, factor: float) -> Tensor:
     sole = _references(results, position) in _SOLE_REFERENCES and _SOLE_REFERENCES[0][1] > 0
     value, results[position] = results[position], None
     return value.mul_(factor) if sole else times_constant(factor, value)
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter, GradientEdge)
+
+
+def vjp(outputs: list, inputs: list[Tensor], output_grads: list[Tensor]) -> list[Tensor | None]:
+    """The gradients of ``inputs`` (``None`` where unused) given those of ``outputs`` (tensors or gradient
+    edges), freeing the graph: ``torch.autograd.grad(..., allow_unused=True)``. Plain tensors go straight to
+    autograd's engine, as ``torch.autograd.grad`` itself does after its argument checks. Those checks (the
+    output gradients' shapes and dtypes, which the engine has already checked at every evaluation, and
+    ``__torch_function__`` overrides, which tensor subclasses still get) cost about 18 µs of Python per call,
+    a fifth of a W64 B64 layer's VJP."""
+    if all(type(t) in _PLAIN_TYPES for t in (*outputs, *inputs)):
+        return list(_engine_run_backward(tuple(outputs), tuple(output_grads), False, False, tuple(inputs), True, False))
+    return list(torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True))
 
 
 def placeholder(component: Tensor) -> Tensor:
@@ -237,7 +252,7 @@ class ChunkBackward:
         parameter_indices = self.chunk.layer_params[local]
         inputs = [*(leaves[i] for i in plan.others), *(self.chunk.params[i] for i in parameter_indices),
                   *(self.arg_leaves[i] for i in self.trainable_args)]
-        results = list(torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True))
+        results = vjp(outputs, inputs, output_grads)
         del outputs, output_grads, leaves, inputs  # the graph is freed before the accumulation
         self._accumulate(plan.others, parameter_indices, results, factor)
         return sums
