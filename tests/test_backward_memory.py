@@ -154,3 +154,34 @@ def test_gradients_passed_through_are_not_scaled_in_place():
         grads[mode] = torch.autograd.grad(out, [x, *net.parameters()], torch.cos(out))
     for reversible, reference in zip(grads["reversible"], grads["autograd"], strict=True):
         torch.testing.assert_close(reversible, reference, rtol=1e-10, atol=1e-12)
+
+
+class TaggedParameter(nn.Parameter):
+    """A parameter subclass, as libraries make them (tensor subclasses go through ``torch.autograd.grad``)."""
+
+
+def test_autograd_s_engine_and_torch_autograd_grad_give_the_same_gradients(monkeypatch):
+    """The backward hands plain tensors straight to autograd's engine and anything else to
+    ``torch.autograd.grad``: both give bit for bit the same gradients, equal to autograd mode's."""
+    torch_grad = torch.autograd.grad
+
+    def gradients(tag: bool, mode: str = "reversible"):
+        torch.manual_seed(0)
+        net = revnets.MomentumNet([function("residual") for _ in range(3)], gamma=0.9, mode=mode).double()
+        if tag:
+            for module in net.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight = TaggedParameter(module.weight.detach().clone())
+        x = torch.randn(8, WIDTH, dtype=torch.float64, requires_grad=True)
+        out = net(x)
+        return torch_grad(out, [x, *net.parameters()], torch.cos(out))
+
+    calls = []
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or torch_grad(*a, **k))
+    engine = gradients(tag=False)
+    assert calls == []
+    through_grad = gradients(tag=True)
+    assert len(calls) == 3  # one VJP per layer
+    for a, b, reference in zip(engine, through_grad, gradients(tag=False, mode="autograd"), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, reference, rtol=1e-10, atol=1e-12)

@@ -181,12 +181,13 @@ class ChunkBackward:
         """Check the state rebuilt in layer ``k`` (``local`` in the chunk) for NaN/inf, every layer or every
         :data:`~revnets.autograd.passes.CHECK_EVERY` layers; ``sums``: those of the functions' values (see
         :meth:`_undo`). Returns the last state known to be finite, kept where the check is not made every layer."""
-        arithmetic, where = self.layer_pass.arithmetic, f"layer {k}"
-        rebuilt = (*self.tensors, *sums)  # in layer 0, a reconstruction skipped is checked through its value's sum
+        arithmetic = self.layer_pass.arithmetic
+        # in layer 0, a reconstruction skipped is checked through its value's sum; re-inverting from the last
+        # state known to be finite names the layer
         if every_layer:
-            arithmetic.check_finite(rebuilt, sums, where, "when re-evaluated in the backward")
+            arithmetic.check_finite((*self.tensors, *sums), sums, f"layer {k}", "when re-evaluated in the backward")
         elif k % CHECK_EVERY == 0 or local == 0:
-            if not arithmetic.all_finite(rebuilt):  # re-invert from the last finite state to name the layer
+            if not arithmetic.all_finite((*self.tensors, *sums)):  # re-invert from the last finite state
                 end, finite_tensors, finite_buffers = checked
                 self.layer_pass.inverse(self.chunk.stack.layers[local:end], k, finite_tensors, finite_buffers,
                                         during="when re-evaluated in the backward")
