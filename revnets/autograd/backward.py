@@ -51,13 +51,15 @@ def add_scaled(total: Tensor | None, value: Tensor | None, factor) -> Tensor | N
     return total + value if factor == 1 else torch.add(total, value, alpha=factor)
 
 
+_STORAGE_USES = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, results are copied
+
+
 def _references(values: list, position: int) -> tuple[int, int, int]:
     """Who holds the tensor ``values[position]``: its Python references (seen from here), the tensors on its
     storage, and the Python references to its base if it is a view (0 otherwise)."""
     tensor = values[position]
-    storage_uses = getattr(torch._C, "_storage_Use_Count", None)
     base = tensor._base
-    return (sys.getrefcount(tensor), storage_uses(tensor.untyped_storage()._cdata) if storage_uses else -1,
+    return (sys.getrefcount(tensor), _STORAGE_USES(tensor.untyped_storage()._cdata) if _STORAGE_USES else -1,
             0 if base is None else sys.getrefcount(base))
 
 
@@ -200,18 +202,13 @@ class ChunkBackward:
         evaluated (nothing for a copy): it names the cause of a non-finite reconstruction without the value
         being held."""
         update, j, t = plan.update, plan.index, plan.update.target
-        tensors, buffers, grads = self.tensors, self.buffers, self.grads
+        tensors, grads = self.tensors, self.grads
         if k == 0 and self.kept_input is not None:
             pending = {u.target for u in self.layer_pass.step.updates[: j + 1]}
             tensors[:] = [c if i in pending else self.kept_input[i] for i, c in enumerate(tensors)]
         g, sums = grads[t], ()
         if plan.copies:  # u = s[source] (x <- x + v)
-            if self._rebuilds(plan, k):
-                increment = self.layer_pass.arithmetic.copy_increment(update, tuple(tensors))
-                tensors[t], buffers[t] = self.layer_pass.arithmetic.undo(j, update, tensors[t], buffers[t], increment,
-                                                                         f"layer {k}")
-            else:
-                tensors[t], buffers[t] = placeholder(tensors[t]), None
+            self._replace_target(plan, k, self.layer_pass.arithmetic.copy_increment(update, tuple(tensors)))
             grads[update.source] = add_scaled(grads[update.source], g, update.gain)
         else:
             sums = self._reevaluate(plan, k, local, layer_numel, witness)
@@ -223,6 +220,16 @@ class ChunkBackward:
         fixed point always does: quantising the value is what checks it)."""
         return k > 0 or plan.read_later or type(self.layer_pass.arithmetic) is not FloatArithmetic
 
+    def _replace_target(self, plan: BackwardUpdate, k: int, increment: Tensor) -> None:
+        """Replace the target of ``plan`` in layer ``k`` by its value before the update, rebuilt from the
+        update's ``increment``, or by a :func:`placeholder` where nothing reads it (:meth:`_rebuilds`)."""
+        t = plan.update.target
+        if self._rebuilds(plan, k):
+            self.tensors[t], self.buffers[t] = self.layer_pass.arithmetic.undo(
+                plan.index, plan.update, self.tensors[t], self.buffers[t], increment, f"layer {k}")
+        else:
+            self.tensors[t], self.buffers[t] = placeholder(self.tensors[t]), None
+
     def _reevaluate(self, plan: BackwardUpdate, k: int, local: int, layer_numel: int,
                     witness: bool) -> tuple[Tensor, ...]:
         """Evaluate ``u`` once (with autograd if its target has a gradient), rebuild the old target from
@@ -231,20 +238,15 @@ class ChunkBackward:
         The VJP starts from the evaluation's gradient edge rather than from its output tensor, so that
         neither the value nor the target it rebuilt is held through the VJP, the peak of the backward."""
         update, j, t = plan.update, plan.index, plan.update.target
-        arithmetic, where, g = self.layer_pass.arithmetic, f"layer {k}", self.grads[t]
+        arithmetic, g = self.layer_pass.arithmetic, self.grads[t]
         with torch.enable_grad() if g is not None else torch.no_grad():  # a zero gradient needs no VJP
             leaves = [c if i == t else arithmetic.view(c).detach().requires_grad_(g is not None)
                       for i, c in enumerate(self.tensors)]
             increment = self.layer_pass.evaluate(k, j, update, leaves, self.chunk.stack.layers[local])
             gained = update.gain * increment if plan.learnable_gain and g is not None else None
         value, leaves[t] = increment.detach(), None  # the target was there for the shape check only
-        rebuilds = self._rebuilds(plan, k)
-        sums = (overflow_safe_sum(value),) if witness or not rebuilds else ()
-        if rebuilds:
-            self.tensors[t], self.buffers[t] = arithmetic.undo(j, update, self.tensors[t], self.buffers[t], value,
-                                                               where)
-        else:
-            self.tensors[t], self.buffers[t] = placeholder(self.tensors[t]), None
+        sums = (overflow_safe_sum(value),) if witness or not self._rebuilds(plan, k) else ()
+        self._replace_target(plan, k, value)
         del value
         if g is None:
             return sums
@@ -290,7 +292,7 @@ class ChunkBackward:
         totals = [*((self.grads, i) for i in others), *((self.param_grads, i) for i in parameter_indices),
                   *((self.arg_grads, i) for i in self.trainable_args)]
         for position, (total, i) in enumerate(totals):
-            if total[i] is None and results[position] is not None and not isinstance(factor, Tensor) and factor != 1:
+            if total[i] is None and results[position] is not None and factor != 1:  # factor: a number here
                 total[i] = scaled_result(results, position, factor)
             else:
                 total[i] = add_scaled(total[i], results[position], factor)
